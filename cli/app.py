@@ -1,0 +1,31 @@
+"""The ``tbhealth`` command: train from a config, watch and steer runs, open TensorBoard."""
+
+from __future__ import annotations
+
+import typer
+
+from tbhealth_cli import board, control, inspect, train
+
+app = typer.Typer(
+    name="tbhealth",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    help="Real-time health monitoring and control for PyTorch training, inside TensorBoard.",
+)
+
+app.command("train", no_args_is_help=True)(train.train)
+for _name in ("pause", "resume", "stop", "checkpoint"):
+    app.command(_name, no_args_is_help=True)(control.make_command(_name))
+app.command("status", no_args_is_help=True)(inspect.status)
+app.command("alerts", no_args_is_help=True)(inspect.alerts)
+app.command("runs")(inspect.runs)
+app.command("board")(board.board)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
