@@ -97,7 +97,7 @@ def append_record(path: Path, record: dict) -> None:
     line = json.dumps({"v": FORMAT_VERSION, **record}, separators=(",", ":"), default=_json_default)
     data = (line + "\n").encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:

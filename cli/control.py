@@ -1,0 +1,69 @@
+"""``tbhealth pause|resume|stop|checkpoint RUN``: send a request, wait for the trainer's answer.
+
+Exit codes: 0 done, 1 rejected by the trainer, 3 the run is not live (finished, failed,
+unresponsive, not started), 4 no acknowledgement within ``--timeout``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Callable
+
+import typer
+
+from tbhealth import runstate
+from tbhealth_cli.common import DEFAULT_LOGDIR, LogdirOpt, RunArg, console, fail, find_run
+
+EXIT_REJECTED, EXIT_NOT_LIVE, EXIT_TIMEOUT = 1, 3, 4
+
+SUMMARIES = {
+    "pause": "Pause a live run at its next step boundary (the heartbeat goes on).",
+    "resume": "Resume a paused run exactly where it stopped.",
+    "stop": "Stop a run gracefully: finish the step, write a checkpoint, exit 0.",
+    "checkpoint": "Write a checkpoint of a live run now, without stopping it; prints the file.",
+}
+
+NOT_LIVE_HINTS = {
+    "completed": "it finished; start a new run, or continue it with `tbhealth train CONFIG --name NAME --resume --set epochs=N`",
+    "stopped": "it was stopped; continue it with `tbhealth train CONFIG --name NAME --resume`",
+    "failed": "it failed; see `tbhealth status RUN` and the run's log",
+    "unresponsive": "its heartbeat is stale: the trainer was killed or hangs",
+    "stopping": "it is already stopping",
+}
+
+
+def send(command: str, rd: runstate.RunDir, *, wait: bool, timeout: float) -> int:
+    """Send ``command`` to the run in ``rd``; print the outcome; return the exit code."""
+    status = rd.read_status()
+    state = status["state"] if status else "unknown"
+    if not runstate.is_live(state):
+        why = NOT_LIVE_HINTS.get(state, "it has no heartbeat yet")
+        fail(f"run {rd.path} is {state}: {command} not sent ({why}).", code=EXIT_NOT_LIVE)
+    rid = rd.request_control(command, source="cli")
+    if not wait:
+        console.print(f"{command} request {rid} sent to {rd.path}")
+        return 0
+    ack = rd.wait_for_ack(rid, timeout)
+    if ack is None:
+        fail(f"no acknowledgement of {command} ({rid}) within {timeout:g}s; the request stays queued.",
+             code=EXIT_TIMEOUT, hint=f"Check the run with `tbhealth status {rd.path}`.")
+    if ack.get("status") != "done":
+        fail(f"{command} rejected: {ack.get('detail', 'no reason given')}", code=EXIT_REJECTED)
+    console.print(f"[green]{command}[/]: {ack.get('detail', 'done')}")
+    if command == "checkpoint" and ack.get("path"):
+        console.print(ack["path"], markup=False, highlight=False)
+    return 0
+
+
+def make_command(command: str) -> Callable[..., None]:
+    def run_command(
+        run: RunArg,
+        logdir: LogdirOpt = Path(DEFAULT_LOGDIR),
+        no_wait: Annotated[bool, typer.Option("--no-wait", help="Send the request and return at once.")] = False,
+        timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the acknowledgement.")] = 30.0,
+    ) -> None:
+        raise typer.Exit(send(command, find_run(run, logdir), wait=not no_wait, timeout=timeout))
+
+    run_command.__name__ = command
+    run_command.__doc__ = f"{SUMMARIES[command]}\n\nExample: [bold]tbhealth {command} digits[/]"
+    return run_command

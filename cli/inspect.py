@@ -1,0 +1,122 @@
+"""Read-only commands: ``status``, ``alerts`` and ``runs``.
+
+They only read run state through ``tbhealth.runstate``, so they are safe to run at any time,
+from any number of shells, against live or finished runs. ``--json`` output has the shapes in
+``tbhealth.schema`` and is strict JSON (no bare NaN), one document on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tbhealth import runstate
+from tbhealth.schema import public_alert, public_status, run_summary
+from tbhealth_cli import render
+from tbhealth_cli.common import DEFAULT_LOGDIR, JsonOpt, LogdirOpt, RunArg, console, fail, find_run
+
+LogdirArg = Annotated[
+    Path,
+    typer.Argument(
+        envvar="TBHEALTH_LOGDIR",
+        help="Folder that holds the runs ($TBHEALTH_LOGDIR when set).",
+        show_default=True,
+    ),
+]
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, allow_nan=False))
+
+
+def _display_name(rd: runstate.RunDir, logdir: Path) -> str:
+    """The run's name under ``logdir``, or its path when it lives elsewhere."""
+    name = runstate.run_name(logdir, rd.path)
+    return os.fspath(rd.path) if name == ".." or name.startswith("../") else name
+
+
+def _read_status(rd: runstate.RunDir, name: str) -> dict:
+    status = rd.read_status()
+    if status is None:
+        fail(
+            f"run {name!r} has no readable status file yet ({rd.status_path})",
+            code=1,
+            hint="A starting run writes it within a few seconds; try again shortly. "
+            f"If it never appears, the trainer died early: its log is {rd.log_path}.",
+        )
+    return status
+
+
+def status(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> None:
+    """Show a run's progress, metrics, hardware and health.
+
+    Examples: [bold]tbhealth status mnist[/] · [bold]tbhealth status runs/mnist --json[/]
+    """
+    rd = find_run(run, logdir)
+    name = _display_name(rd, logdir)
+    st = _read_status(rd, name)
+    if json_:
+        _echo_json(public_status(st, name))
+        return
+    render.print_status(console, st, name, rd.read_alerts())
+
+
+def alerts(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> None:
+    """List a run's health alerts, oldest first, active and resolved.
+
+    Examples: [bold]tbhealth alerts mnist[/] · [bold]tbhealth alerts mnist --json[/]
+    """
+    rd = find_run(run, logdir)
+    name = _display_name(rd, logdir)
+    records = sorted(rd.read_alerts(), key=lambda a: a.get("time") if isinstance(a.get("time"), (int, float)) else 0.0)
+    if json_:
+        _echo_json([public_alert(a) for a in records])
+        return
+    render.print_alerts(console, records, name)
+
+
+def collect_runs(logdir: Path) -> list[dict]:
+    """Summaries of every run under ``logdir``, newest first (start time, else last heartbeat)."""
+    rows = []
+    for path in runstate.list_run_dirs(logdir):
+        rd = runstate.RunDir(path)
+        summary = run_summary(runstate.run_name(logdir, path), os.fspath(path), rd.read_status())
+        started = summary["started_at"] or summary["updated_at"] or _mtime(rd.status_path)
+        rows.append((started, summary))
+    rows.sort(key=lambda r: (r[0], r[1]["run"]), reverse=True)
+    return [summary for _, summary in rows]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def runs(logdir: LogdirArg = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> None:
+    """List the runs under LOGDIR, newest first, with state, progress and latest validation metrics.
+
+    Examples: [bold]tbhealth runs[/] · [bold]tbhealth runs experiments/ --json[/]
+    """
+    if not logdir.is_dir():
+        fail(
+            f"no folder {os.fspath(logdir)!r}",
+            code=2,
+            hint="Pass the folder your runs are in (tbhealth runs PATH) or set TBHEALTH_LOGDIR.",
+        )
+    summaries = collect_runs(logdir)
+    if json_:
+        _echo_json(summaries)
+        return
+    if not summaries:
+        console.print(f"No runs under {os.fspath(logdir)!r} yet. Start one: tbhealth train CONFIG --logdir {os.fspath(logdir)}")
+        return
+    render.print_runs(console, summaries)
+
+
+__all__ = ["status", "alerts", "runs", "collect_runs"]

@@ -1,0 +1,124 @@
+"""``tbhealth train``: validate a config, open a run, train it and say where to look."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tbhealth_cli.common import console, err_console, fail
+
+EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 1, 2, 130
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file (see examples/).", show_default=False)],
+    logdir: Annotated[Optional[Path], typer.Option("--logdir", envvar="TBHEALTH_LOGDIR", help="Folder for runs (default: the config's logdir, else runs).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Run name (default: the config's name, else the file's stem); made unique unless --resume.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optimizer.lr=0.01 (value parsed as YAML). Repeatable.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the named run from its latest checkpoint.")] = False,
+    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", min=1, help="Processes per node: run under torch.distributed (DDP).")] = None,
+    nnodes: Annotated[str, typer.Option("--nnodes", help="Number of nodes (or MIN:MAX) for torch.distributed.run.")] = "1",
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank for a static multi-node launch.")] = 0,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous for multi-node runs.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
+) -> None:
+    """Train a PyTorch model from a YAML config, with live health monitoring.
+
+    Writes TensorBoard scalars and text, checkpoints and run state to LOGDIR/NAME; watch it with
+    [bold]tbhealth board[/] (the Health tab) and steer it with [bold]tbhealth pause|resume|stop|checkpoint NAME[/].
+
+    Examples:
+
+      [bold]tbhealth train examples/digits.yaml[/]
+
+      [bold]tbhealth train examples/digits.yaml --name lr-test --set optimizer.lr=0.01 --set epochs=30[/]
+
+      [bold]tbhealth train examples/digits.yaml --name lr-test --resume --set epochs=40[/]
+
+      [bold]tbhealth train examples/digits.yaml --nproc-per-node 2[/]
+    """
+    from tbhealth.config import ConfigError, load_config
+
+    overrides = list(set_ or [])
+    try:
+        cfg = load_config(config, overrides)
+        from tbhealth import registry
+
+        registry.check_config(cfg)
+    except ConfigError as e:
+        fail(str(e), code=EXIT_USAGE, hint="Fix the config (or the --set value) and run again; see README 'Config reference'.")
+    if nproc_per_node is not None:
+        from tbhealth_cli.launch import launch
+
+        raise typer.Exit(launch(config, overrides, logdir, name, resume, quiet, nproc_per_node=nproc_per_node,
+                                nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint))
+    raise typer.Exit(run_training(cfg, config, logdir, name, resume, quiet))
+
+
+def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool,
+                 rank: int = 0, world_size: int = 1) -> int:
+    """Build and run a Trainer; returns the exit code. Shared by plain and distributed launches."""
+    from tbhealth import runstate
+    from tbhealth.config import ConfigError
+
+    logdir = Path(logdir or cfg.logdir or "runs")
+    name = name or cfg.name or config_path.stem
+    try:
+        runstate.resolve_run(logdir, name)
+    except runstate.RunNameError as e:
+        fail(f"--name: {e}", code=EXIT_USAGE)
+    created = False
+    if resume:
+        run_dir = logdir / name
+        if not any(run_dir.glob("checkpoints/*.pt")):
+            fail(f"--resume: no checkpoint in {run_dir}/checkpoints to resume from.", code=EXIT_USAGE,
+                 hint="Start it without --resume, or name an existing run with --name.")
+    elif rank == 0:
+        run_dir, created = runstate.unique_run_dir(logdir, name), True
+    else:
+        run_dir = Path(os.environ["TBHEALTH_RUN_DIR"])
+    from tbhealth.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume, verbose=not quiet and rank == 0, rank=rank, world_size=world_size)
+    except ConfigError as e:
+        _discard(run_dir, created)
+        fail(str(e), code=EXIT_USAGE)
+    except Exception as e:  # the user's data or model factory failed
+        _discard(run_dir, created)
+        fail(f"could not set up training: {type(e).__name__}: {e}", code=EXIT_FAILED)
+    try:
+        state = trainer.fit()
+    except KeyboardInterrupt:
+        err_console.print("[red]Aborted[/] by a second interrupt; no checkpoint written for the current step.")
+        return EXIT_ABORTED
+    except Exception as e:
+        log = trainer.run.log_path
+        fail(f"training failed: {type(e).__name__}: {e}", code=EXIT_FAILED,
+             hint=f"The traceback is in {log}; the run's state is 'failed'.")
+    if rank == 0 and not quiet:
+        print_summary(trainer, state, logdir)
+    return 0
+
+
+def print_summary(trainer, state: str, logdir: Path) -> None:
+    hist = trainer.monitor.progress.history
+    last = hist[-1] if hist else {}
+    acc = last.get("val_acc")
+    console.print(
+        f"\n[bold]Run {state}[/] after {len(hist)} epoch(s)"
+        + (f": val_loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else "")
+        + (f", val_acc {acc * 100:.2f}%" if acc is not None else "")
+    )
+    console.print(f"Run directory: {trainer.run.path}", markup=False, highlight=False)
+    console.print(f"Open the Health tab:  tbhealth board {logdir}    (or: tensorboard --logdir {logdir})",
+                  markup=False, highlight=False)
+
+
+def _discard(run_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""Checkpoint files: atomic saves, rotation and finding the one to resume from.
+
+A checkpoint is written to a temp file in the same folder and renamed over the target, so a
+crash or a kill during ``torch.save`` never leaves a truncated ``last.pt``: resuming always finds
+either the old file or the new one.
+
+Names inside ``<run>/checkpoints/``:
+``last.pt`` (end of every epoch and on stop), ``epoch-0005.pt`` (every ``every_epochs``, newest
+``keep_last`` kept), ``best.pt`` (best monitored metric), ``manual-step-000123.pt`` (requested
+from the CLI or the Health tab; never rotated away).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tbhealth.runstate import RunDir
+
+RESUMABLE_PREFIXES = ("last", "epoch-", "manual-")
+
+
+def save_atomic(obj: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    # weights_only=False: our own files carry optimizer state, RNG states and the config dict.
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def rng_state() -> dict:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Where checkpoints go and which ones are kept."""
+
+    def __init__(self, run: RunDir, keep_last: int = 3):
+        self.run = run
+        self.dir = run.checkpoint_dir
+        self.keep_last = keep_last
+
+    def save(self, state: dict, kind: str, *, epoch: int = 0, step: int = 0) -> Path:
+        """Write ``state`` as ``kind`` (last, epoch, best, manual) and rotate epoch files."""
+        name = {
+            "last": "last.pt",
+            "best": "best.pt",
+            "epoch": f"epoch-{epoch:04d}.pt",
+            "manual": f"manual-step-{step:06d}.pt",
+        }[kind]
+        path = save_atomic(state, self.dir / name)
+        if kind == "epoch":
+            self._rotate()
+        return path
+
+    def _rotate(self) -> None:
+        epochs = sorted(self.dir.glob("epoch-*.pt"))
+        for old in epochs[: max(0, len(epochs) - self.keep_last)]:
+            old.unlink(missing_ok=True)
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that holds a training state to continue from."""
+        files = [p for p in self.run.list_checkpoints() if p.name.startswith(RESUMABLE_PREFIXES)]
+        return files[-1] if files else None

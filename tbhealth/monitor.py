@@ -1,0 +1,538 @@
+"""``tbhealth.Monitor``: the object a training loop reports to, and takes orders from.
+
+Any loop can use it (the config-driven Trainer is one user)::
+
+    with tbhealth.Monitor("runs", "exp", total_epochs=10, model=model, optimizer=opt) as mon:
+        for epoch in mon.epochs(batches_per_epoch=len(loader)):
+            for x, y in loader:
+                loss = loss_fn(model(x), y); loss.backward(); opt.step()
+                mon.step(loss, n=len(x))          # after optimizer.step, before zero_grad
+                opt.zero_grad()
+                if mon.should_stop: break
+            mon.end_epoch(val_loss=..., val_acc=...)
+
+Cost on the training thread (see benchmarks/): ``step()`` does one in-place add on the device
+(the epoch's loss sum), a ``time.monotonic()`` and an integer modulo. Every
+``log_every`` steps it reads the loss, the running sum and the gradient norm back in ONE transfer
+(the only host-device sync) and queues one event. Health instruments are armed only for sampled
+steps. The heartbeat, system sampling and event writing run on background threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from tbhealth import runstate
+from tbhealth.control import ControlChannel
+from tbhealth.events import EventWriter
+from tbhealth.heartbeat import Heartbeat, Progress, build_status
+from tbhealth.reporter import Reporter
+
+CUSTOM_SCALARS = {
+    "Training": {
+        "Loss (train vs val)": ["^train/loss$", "^val/loss$"],
+        "Accuracy (train vs val)": ["^train/acc$", "^val/acc$"],
+        "Learning rate": ["^lr$"],
+    },
+    "Steps": {"Step loss": ["^step/loss$"], "Gradient norm": ["^step/grad_norm$"]},
+}
+SYSTEM_SCALARS_EVERY_S = 5.0
+
+
+class Monitor:
+    """Opens a run, records what the loop reports, watches its health and applies control requests.
+
+    Args:
+        logdir, name: where the run goes (``name`` made unique); ignored when ``run_dir`` is given.
+        total_epochs: planned epochs, for progress and ETA.
+        model, optimizer: instrumented for gradient norms and health checks (optional).
+        checkpoint_fn: ``fn(kind) -> Path`` the monitor calls at a step boundary to save a
+            checkpoint (kind ``manual`` or ``stop``); without it those requests are refused.
+        health: the ``health:`` settings (dict or HealthConfig); ``False`` turns checks off.
+        log_every: read values back and log per-step scalars every this many steps.
+        resume_state: ``Monitor.state_dict()`` from a checkpoint, to continue a run.
+        rank, world_size: under torch.distributed only rank 0 writes anything.
+    """
+
+    def __init__(
+        self, logdir: str | os.PathLike = "runs", name: str | None = None, *, total_epochs: int,
+        run_dir: str | os.PathLike | None = None, model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None, checkpoint_fn: Callable[[str], Path] | None = None,
+        health: Any = None, log_every: int = 20, resume_state: dict | None = None, verbose: bool = True,
+        reporter: Reporter | None = None, handle_signals: bool = True, system_metrics: bool = True,
+        rank: int = 0, world_size: int = 1,
+    ):
+        if run_dir is None:
+            run_dir = runstate.unique_run_dir(logdir, name or time.strftime("run-%Y%m%d-%H%M%S"))
+        self.run = runstate.RunDir(run_dir)
+        self.run_dir = self.run.path
+        self.model, self.optimizer, self.checkpoint_fn = model, optimizer, checkpoint_fn
+        self.log_every = max(1, int(log_every))
+        self.rank, self.world_size = rank, world_size
+        self.is_writer = rank == 0
+        self.progress = Progress(run=self.run_dir.name, total_epochs=total_epochs, world_size=world_size)
+        self.reporter = reporter or Reporter(enabled=verbose and self.is_writer)
+        self._handle_signals = handle_signals
+        self._want_system = system_metrics
+        self._health_settings = health
+        self._resume_state = resume_state
+        self._lock = threading.Lock()
+        self._stop_reason: str | None = None
+        self._signal_stop: str | None = None
+        self._paused = False
+        self._pending_actions: list[tuple[str, str]] = []
+        self._old_handlers: dict = {}
+        self._loss_sum = self._correct_sum = None
+        self._count = 0
+        self._last_step_loss: float | None = None
+        self._next_system_scalars = 0.0
+        self.writer: EventWriter | None = None
+        self.health = None
+        self.system = None
+        self._control: ControlChannel | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "Monitor":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("stopped", message="aborted by a second interrupt; no checkpoint written")
+        else:
+            self.fail(exc)
+        return False
+
+    def start(self) -> "Monitor":
+        p = self.progress
+        if self._resume_state:
+            self._load_state(self._resume_state)
+        if self.is_writer:
+            self.run.state_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = EventWriter(self.run_dir, flush_secs=1.0)
+            self.writer.custom_scalars(CUSTOM_SCALARS)
+            self._control = ControlChannel(self.run)
+            stale = self._control.reject_stale()
+            if stale:
+                self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
+            if self._want_system:
+                from tbhealth.system import SystemSampler
+
+                gpu = self._gpu_index()
+                self.system = SystemSampler(interval=1.0, gpu_index=gpu)
+                self.system.start()
+            self._heartbeat = Heartbeat(self._beat, interval=1.0)
+        self.health = self._make_health()
+        if self._handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        p.state = "training"
+        self.reporter.start(str(self.run_dir), p.total_epochs, p.epochs_done)
+        self._write_status()
+        if self._heartbeat:
+            self._heartbeat.start()
+        return self
+
+    def close(self, state: str | None = None, message: str | None = None) -> None:
+        """Finish the run: ``completed`` unless a stop was requested (then ``stopped``)."""
+        if self._closed:
+            return
+        self._closed = True
+        p = self.progress
+        p.state = state or ("stopped" if self._stop_reason else "completed")
+        p.message = message or self._stop_reason
+        if p.state == "stopped" and p.interventions["stops"] == 0:
+            p.interventions["stops"] += 1
+        self._finish()
+
+    def fail(self, exc: BaseException) -> None:
+        """Record a crash: state ``failed`` and the traceback in the run's log."""
+        if self._closed:
+            return
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.log("ERROR", f"training failed: {type(exc).__name__}: {exc}\n{tb}", echo=False)
+        self.reporter.log("ERROR", f"training failed: {type(exc).__name__}: {exc}")
+        self._closed = True
+        self.progress.state = "failed"
+        self.progress.message = f"{type(exc).__name__}: {exc}"
+        self._finish()
+
+    def _finish(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+        if self.health is not None:
+            self.health.close()
+        if self._heartbeat:
+            self._heartbeat.stop()
+        if self.system:
+            self.system.stop()
+        self.reporter.close()
+        if self.is_writer:
+            self._write_status()
+            self.writer.text(self.progress.global_step, "run/state", f"Run finished: **{self.progress.state}**")
+            self.writer.close()
+
+    # ------------------------------------------------------------------ the loop's calls
+
+    def epochs(self, batches_per_epoch: int | None = None) -> Iterator[int]:
+        """Epoch numbers (1-based) still to train; ends early when a stop was requested."""
+        first = self.progress.epochs_done + 1
+        for epoch in range(first, self.progress.total_epochs + 1):
+            if self.should_stop:
+                return
+            resume_batch = self.progress.batch if epoch == first else 0
+            self.start_epoch(epoch, batches_per_epoch, resume_batch)
+            yield epoch
+
+    def start_epoch(self, epoch: int, batches_per_epoch: int | None = None, batch: int = 0) -> None:
+        p = self.progress
+        p.epoch, p.batches_per_epoch, p.batch = epoch, batches_per_epoch, batch
+        p.epoch_start, p.epoch_paused_s = time.monotonic(), 0.0
+        self._loss_sum = self._correct_sum = None
+        self._count = 0
+        self.reporter.epoch_started(epoch, batches_per_epoch)
+
+    def step(self, loss: torch.Tensor, *, n: int = 1, correct: torch.Tensor | None = None,
+             grad_norm: torch.Tensor | None = None) -> None:
+        """Report one optimizer step: call after ``optimizer.step()`` and before ``zero_grad()``.
+
+        ``loss`` is the batch's mean loss (a tensor: it is not read back unless this step logs),
+        ``n`` the batch size, ``correct`` the number of right predictions (a tensor, optional),
+        ``grad_norm`` the total norm if the loop already has it (e.g. from clipping).
+        """
+        p = self.progress
+        p.global_step += 1
+        p.batch += 1
+        loss = loss.detach()
+        if self._loss_sum is None:
+            self._loss_sum = torch.zeros((), dtype=torch.float32, device=loss.device)
+        self._loss_sum.add_(loss.float(), alpha=n)  # on the device: no sync
+        self._count += n
+        if correct is not None:
+            self._correct_sum = correct.detach() if self._correct_sum is None else self._correct_sum + correct.detach()
+        health = self.health
+        if health is not None and health.armed:
+            self._record_health(*health.after_step(epoch=p.epoch, step=p.global_step))
+        if p.global_step % self.log_every == 0:
+            self._log_step(loss, grad_norm)
+        if health is not None:
+            health.before_step(p.global_step + 1)
+        if self._control is not None:
+            requests = self._control.poll()
+            if requests:
+                self._apply_requests(requests)
+        if self._pending_actions:
+            self._run_pending_actions()
+        if self._signal_stop and not self._stop_reason:
+            self._begin_stop(f"received {self._signal_stop}")
+        while self._paused and not self._stop_reason:
+            self._wait_paused()
+        self.reporter.step(p.batch, self._last_step_loss)
+
+    def end_epoch(self, *, val_loss: float | None = None, val_acc: float | None = None, lr: float | None = None,
+                  train_loss: float | None = None, train_acc: float | None = None, **scalars: float) -> dict:
+        """Report a finished epoch; train loss/accuracy default to the means of ``step()``'s values."""
+        p = self.progress
+        if train_loss is None and self._loss_sum is not None and self._count:
+            train_loss = self._loss_sum.item() / self._count
+        if train_acc is None and self._correct_sum is not None and self._count:
+            train_acc = float(self._correct_sum.item()) / self._count
+        if lr is None and self.optimizer is not None:
+            lr = float(self.optimizer.param_groups[0]["lr"])
+        metrics = {"train_loss": _f(train_loss), "train_acc": _f(train_acc), "val_loss": _f(val_loss),
+                   "val_acc": _f(val_acc), "lr": _f(lr)}
+        seconds = p.epoch_active_seconds()
+        p.epoch_durations.append(seconds)
+        p.history.append({"epoch": p.epoch, **metrics})
+        p.epochs_done = p.epoch
+        p.last_step_time = time.time()
+        tags = {"train/loss": metrics["train_loss"], "train/acc": metrics["train_acc"],
+                "val/loss": metrics["val_loss"], "val/acc": metrics["val_acc"], "lr": metrics["lr"]}
+        values = {k: v for k, v in tags.items() if v is not None}
+        values.update({k: float(v) for k, v in scalars.items()})
+        if self.writer:
+            self.writer.scalars(p.epoch, values)
+        self.reporter.epoch_finished(p.epoch, p.total_epochs, metrics, seconds)
+        if self.health is not None:
+            self._emit_alerts(self.health.on_epoch(epoch=p.epoch, step=p.global_step, history=p.history))
+        self.log("INFO", f"Epoch {p.epoch}/{p.total_epochs} done: " + _metrics_line(metrics), echo=False)
+        self._poke()
+        return metrics
+
+    def log(self, level: str, message: str, *, echo: bool = True) -> None:
+        """A log record: terminal, the run's log (followed by the Health tab) and TensorBoard text."""
+        level = level.upper()
+        if level == "WARNING":
+            self.progress.warnings += 1
+        elif level == "ERROR":
+            self.progress.errors += 1
+        if echo:
+            self.reporter.log(level, message)
+        if not self.is_writer:
+            return
+        self.run.append_log(level, message, **({"rank": self.rank} if self.world_size > 1 else {}))
+        if self.writer:
+            stamp = time.strftime("%H:%M:%S")
+            self.writer.text(self.progress.global_step, "logs", f"`{stamp}` **{level}** {message}")
+
+    @property
+    def should_stop(self) -> bool:
+        return self._stop_reason is not None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary with a checkpoint (for code that decides to stop)."""
+        self._begin_stop(reason)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so a resumed run continues its progress, history and alerts."""
+        p = self.progress
+        return {
+            "epochs_done": p.epochs_done, "epoch": p.epoch, "batch": p.batch, "global_step": p.global_step,
+            "elapsed_s": p.active_seconds(), "started_at": p.started_at, "history": list(p.history),
+            "epoch_durations": list(p.epoch_durations), "interventions": dict(p.interventions),
+            "warnings": p.warnings, "errors": p.errors,
+            "health": self.health.state_dict() if self.health is not None else None,
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _load_state(self, s: dict) -> None:
+        p = self.progress
+        p.epochs_done, p.epoch, p.global_step = s["epochs_done"], s.get("epoch", s["epochs_done"]), s["global_step"]
+        p.batch = s.get("batch", 0) if p.epoch > p.epochs_done else 0
+        p.elapsed_before, p.started_at = s.get("elapsed_s", 0.0), s.get("started_at", p.started_at)
+        p.history, p.epoch_durations = list(s.get("history", [])), list(s.get("epoch_durations", []))
+        p.interventions.update(s.get("interventions", {}))
+        p.warnings, p.errors = s.get("warnings", 0), s.get("errors", 0)
+
+    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """The logging step: one transfer to the host for everything read this step."""
+        p = self.progress
+        if grad_norm is None and self.model is not None:
+            grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+            if grads:
+                grad_norm = torch.nn.utils.get_total_norm(grads)
+        parts = [loss.float().reshape(()), self._loss_sum]
+        if grad_norm is not None:
+            parts.append(grad_norm.detach().float().reshape(()).to(loss.device))
+        values = torch.stack(parts).tolist()
+        step_loss, running = values[0], values[1]
+        gnorm = values[2] if len(values) > 2 else None
+        self._last_step_loss = step_loss
+        p.last_step_time = time.time()
+        scalars = {"step/loss": step_loss}
+        if gnorm is not None:
+            scalars["step/grad_norm"] = gnorm
+        if self.health is not None:
+            readings, events = self.health.on_log_step(
+                epoch=p.epoch, step=p.global_step, loss=step_loss, loss_sum=running, grad_norm=gnorm)
+            scalars.update(readings)
+            self._emit_alerts(events)
+        if self.writer:
+            self.writer.scalars(p.global_step, scalars)
+
+    def _apply_requests(self, requests: list) -> None:
+        for req in requests:
+            if req.error:
+                self._control.ack(req, False, req.error)
+                self.log("WARNING", f"rejected control request {req.id}: {req.error}")
+                continue
+            ok, detail, extra = self._apply(req.command)
+            self._control.ack(req, ok, detail, **extra)
+            self.log("INFO" if ok else "WARNING", f"control {req.command} ({req.source or 'unknown'}): {detail}")
+            if self.writer:
+                self.writer.text(self.progress.global_step, "control", f"**{req.command}** → {'done' if ok else 'rejected'}: {detail}")
+
+    def _apply(self, command: str) -> tuple[bool, str, dict]:
+        p = self.progress
+        if self._stop_reason:
+            return False, "the run is already stopping", {}
+        if command == "pause":
+            if self._paused:
+                return False, "already paused", {}
+            self._set_paused(True)
+            return True, f"paused at epoch {p.epoch}, step {p.global_step}", {"step": p.global_step}
+        if command == "resume":
+            if not self._paused:
+                return False, "not paused", {}
+            self._set_paused(False)
+            return True, f"resumed at epoch {p.epoch}, step {p.global_step}", {"step": p.global_step}
+        if command == "checkpoint":
+            path = self._checkpoint("manual")
+            if path is None:
+                return False, "this training loop registered no checkpoint function", {}
+            return True, f"checkpoint written: {path}", {"checkpoint": path.name, "path": str(path), "step": p.global_step}
+        if command == "stop":
+            path = self._begin_stop("stop requested")
+            where = f"; checkpoint {path}" if path else ""
+            return True, f"stopping at epoch {p.epoch}, step {p.global_step}{where}", (
+                {"checkpoint": path.name, "path": str(path), "step": p.global_step} if path else {"step": p.global_step})
+        return False, f"unknown command {command!r}", {}
+
+    def _checkpoint(self, kind: str) -> Path | None:
+        if self.checkpoint_fn is None:
+            return None
+        path = Path(self.checkpoint_fn(kind))
+        self.progress.interventions["checkpoints"] += kind == "manual"
+        return path
+
+    def _begin_stop(self, reason: str) -> Path | None:
+        """Stop at this step boundary: checkpoint, then ``should_stop`` tells the loop to leave."""
+        if self._stop_reason:
+            return None
+        p = self.progress
+        p.state = "stopping"
+        self._poke()
+        path = self._checkpoint("stop")
+        self._stop_reason = reason
+        self._paused = False
+        p.interventions["stops"] += 1
+        self.log("WARNING", f"stopping: {reason}" + (f"; checkpoint {path}" if path else ""))
+        return path
+
+    def _set_paused(self, paused: bool) -> None:
+        p = self.progress
+        now = time.monotonic()
+        if paused:
+            p.paused_since = now
+            p.interventions["pauses"] += 1
+        elif p.paused_since is not None:
+            p.paused_s += now - p.paused_since
+            p.epoch_paused_s += now - p.paused_since
+            p.paused_since = None
+            p.interventions["resumes"] += 1
+        self._paused = paused
+        p.state = "paused" if paused else "training"
+        self._poke()
+
+    def _wait_paused(self) -> None:
+        time.sleep(0.05)
+        requests = self._control.poll() if self._control else []
+        if requests:
+            self._apply_requests(requests)
+        if self._signal_stop and not self._stop_reason:
+            self._set_paused(False)
+            self._begin_stop(f"received {self._signal_stop}")
+
+    def _emit_alerts(self, events: list[dict]) -> None:
+        for alert in events:
+            new = alert.pop("new", False)
+            if self.is_writer:
+                self.run.append_alert(alert)
+            if alert.get("resolved"):
+                self.log("INFO", f"resolved: {alert['message']}")
+            elif new:
+                level = "ERROR" if alert["severity"] == "critical" else "WARNING"
+                self.log(level, f"[{alert['rule']}] {alert['message']}")
+                if self.writer:
+                    self.writer.text(alert.get("step") or 0, "alerts", f"**{alert['severity'].upper()} {alert['rule']}**: {alert['message']}")
+                if alert.get("action") in ("stop", "pause"):
+                    # Applied by the training thread at its next step boundary, never from here:
+                    # this may run on the heartbeat thread.
+                    self._pending_actions.append((alert["action"], alert["rule"]))
+        if events:
+            self._poke()
+
+    def _run_pending_actions(self) -> None:
+        actions, self._pending_actions = self._pending_actions, []
+        for action, rule in actions:
+            if action == "stop":
+                self._begin_stop(f"health rule {rule}: action stop")
+            elif action == "pause" and not self._paused and not self._stop_reason:
+                self._set_paused(True)
+                self.log("WARNING", f"paused by health rule {rule}; resume with `tbhealth resume {self.run_dir}`")
+
+    def _record_health(self, scalars: dict, events: list[dict]) -> None:
+        if scalars and self.writer:
+            self.writer.scalars(self.progress.global_step, scalars)
+        self._emit_alerts(events)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._signal_stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._signal_stop = name
+
+    def _poke(self) -> None:
+        if self._heartbeat:
+            self._heartbeat.poke()
+
+    def _beat(self) -> None:
+        if self.health is not None and self.system is not None:
+            self._emit_alerts(self.health.on_tick(self.progress, self.system.latest()))
+        self._write_status()
+        now = time.monotonic()
+        if self.system is not None and self.writer and now >= self._next_system_scalars:
+            self._next_system_scalars = now + SYSTEM_SCALARS_EVERY_S
+            values = self.system.scalars()
+            if values:
+                self.writer.scalars(self.progress.global_step, values)
+
+    def _write_status(self) -> None:
+        if not self.is_writer:
+            return
+        health = self.health
+        status = build_status(
+            self.progress, system=self.system.latest() if self.system else None,
+            alerts_active=health.active_count() if health is not None else 0,
+            health_score=health.score(self.progress.warnings, self.progress.errors) if health is not None else 100,
+            extra={"run_dir": str(self.run_dir)},
+        )
+        with self._lock:
+            self.run.write_status(status)
+
+    def _make_health(self):
+        if self._health_settings is False:
+            return None
+        from tbhealth.healthcheck import HealthWatch
+
+        state = (self._resume_state or {}).get("health")
+        return HealthWatch(self._health_settings, model=self.model, state=state)
+
+    def _gpu_index(self) -> int | None:
+        if self.model is None:
+            return None
+        try:
+            dev = next(self.model.parameters()).device
+        except StopIteration:
+            return None
+        return (dev.index or 0) if dev.type == "cuda" else None
+
+
+def _f(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v.item() if hasattr(v, "item") else v)
+    return v
+
+
+def _metrics_line(m: dict) -> str:
+    parts = []
+    for k, v in m.items():
+        if v is None:
+            continue
+        parts.append(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}")
+    return ", ".join(parts)

@@ -1,0 +1,256 @@
+"""The config-driven trainer behind ``tbhealth train``: one user of :class:`tbhealth.Monitor`.
+
+It builds data, model, loss, optimizer and scheduler from the config, trains and validates each
+epoch, and reports to the monitor; it never writes TensorBoard data itself. The step keeps
+everything on the device (loss, correct predictions): the monitor decides when to read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from tbhealth import checkpoint as ckpt
+from tbhealth import registry
+from tbhealth.config import Config, dump_config
+from tbhealth.monitor import Monitor
+from tbhealth.runstate import RunDir
+
+LR_EPS = 1e-12
+
+
+class EpochOrder(Sampler[int]):
+    """A shuffled order fixed by (seed, epoch), optionally skipping what a resumed run already did.
+
+    Tying the order to the epoch number is what lets a run stopped mid-epoch resume on exactly
+    the batches it had not seen, and two runs with one seed see the same batches.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, skip: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
+        self.rank, self.world_size = rank, world_size
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.world_size > 1:  # pad to a multiple of world size, then stride, like DistributedSampler
+            total = -(-self.n // self.world_size) * self.world_size
+            order = (order + order[: total - self.n])[self.rank:total:self.world_size]
+        return order[self.skip:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, verbose: bool = True,
+                 rank: int = 0, world_size: int = 1, device: torch.device | None = None):
+        self.cfg, self.run, self.rank, self.world_size = cfg, RunDir(run_dir), rank, world_size
+        self.seed = cfg.seed if cfg.seed is not None else int(torch.initial_seed() % 2**31)
+        seed_everything(self.seed)
+        self.device = device or pick_device(cfg.device)
+        self.bundle = registry.build_data(cfg)
+        self.classification = self.bundle.task == "classification"
+        self.model = registry.build_model(cfg, self.bundle).to(self.device)
+        self.net = self._wrap(self.model)
+        self.loss_fn = registry.build_loss(cfg)
+        self.optimizer = registry.build_optimizer(cfg, self.model.parameters())
+        self.batch_size = cfg.data.batch_size
+        self.steps_per_epoch = -(-self._shard_len() // (self.batch_size * cfg.accumulate_steps))
+        self.scheduler = registry.build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.amp_dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if cfg.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
+        self.ckpts = ckpt.CheckpointManager(self.run, keep_last=cfg.checkpoint.keep_last)
+        self.best: float | None = None
+        resume_state = self._restore() if resume else None
+        if self.rank == 0:
+            self.run.config_path.write_text(dump_config(cfg))
+        self.monitor = Monitor(
+            run_dir=self.run.path, total_epochs=cfg.epochs, model=self.model, optimizer=self.optimizer,
+            checkpoint_fn=self.save_checkpoint, health=cfg.health, log_every=cfg.logging.every_steps,
+            resume_state=resume_state, verbose=verbose, rank=rank, world_size=world_size,
+        )
+        self._resumed_from = resume_state
+
+    # ------------------------------------------------------------------ the recipe
+
+    def fit(self) -> str:
+        """Train to the configured number of epochs (or a stop); returns the final state."""
+        mon = self.monitor
+        with mon:
+            if self._resumed_from is not None:
+                mon.log("INFO", f"resumed from step {mon.global_step}, epoch {mon.progress.epochs_done} done")
+            mon.log("INFO", f"training {type(self.model).__name__} on {self.device} "
+                    f"({self._param_count():,} parameters, {self.steps_per_epoch} steps/epoch)")
+            for epoch in mon.epochs(batches_per_epoch=self.steps_per_epoch):
+                self.train_epoch(epoch)
+                if mon.should_stop:
+                    break
+                self.end_epoch(epoch)
+        return mon.progress.state
+
+    def train_epoch(self, epoch: int) -> None:
+        mon, cfg = self.monitor, self.cfg
+        self.net.train()
+        skip = mon.progress.batch * self.batch_size * cfg.accumulate_steps
+        loader = self._loader(self.bundle.train, EpochOrder(len(self.bundle.train), self.seed, epoch, skip,
+                                                            self.rank, self.world_size))
+        accum, micro, loss_acc, correct_acc, n_acc = cfg.accumulate_steps, 0, None, None, 0
+        for x, y in loader:
+            loss, correct = self.forward_backward(x, y, scale=1.0 / accum)
+            micro += 1
+            loss_acc = loss if loss_acc is None else loss_acc + loss
+            if correct is not None:
+                correct_acc = correct if correct_acc is None else correct_acc + correct
+            n_acc += len(x)
+            if micro == accum:
+                grad_norm = self.optimizer_step()
+                mon.step(loss_acc / micro, n=n_acc, correct=correct_acc, grad_norm=grad_norm)
+                self.optimizer.zero_grad(set_to_none=True)
+                micro, loss_acc, correct_acc, n_acc = 0, None, None, 0
+                if mon.should_stop:
+                    return
+        if micro:  # the epoch's last, short accumulation window
+            grad_norm = self.optimizer_step()
+            mon.step(loss_acc / micro, n=n_acc, correct=correct_acc, grad_norm=grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float):
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.net(x)
+            loss = self.loss_fn(out, y)
+        self.scaler.scale(loss * scale).backward()
+        correct = (out.argmax(1) == y).sum() if self.classification else None
+        return loss.detach(), correct
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        grad_norm = None
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None and not self.plateau and self.cfg.scheduler.interval == "step":
+            self.scheduler.step()
+        return grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | None]:
+        """Validation loss (and accuracy) over the whole validation set, summed on the device."""
+        self.net.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        count = torch.zeros((), device=self.device, dtype=torch.long)
+        shard = range(self.rank, len(self.bundle.val), self.world_size)  # no padding: exact sums
+        for x, y in self._loader(self.bundle.val, shard):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            out = self.model(x)
+            loss_sum += self.loss_fn(out.float(), y).float() * len(x)
+            count += len(x)
+            if self.classification:
+                correct += (out.argmax(1) == y).sum()
+        totals = self._reduce(torch.stack([loss_sum, correct.float(), count.float()])).tolist()
+        n = max(totals[2], 1)
+        return {"val_loss": totals[0] / n, "val_acc": totals[1] / n if self.classification else None}
+
+    def end_epoch(self, epoch: int) -> None:
+        mon, cfg = self.monitor, self.cfg
+        val = self.evaluate()
+        lr_before = self.optimizer.param_groups[0]["lr"]
+        metrics = mon.end_epoch(val_loss=val["val_loss"], val_acc=val["val_acc"], lr=lr_before)
+        if self.scheduler is not None and (self.plateau or cfg.scheduler.interval == "epoch"):
+            if self.plateau:
+                self.scheduler.step(metrics[cfg.scheduler.monitor])
+            else:
+                self.scheduler.step()
+        lr_after = self.optimizer.param_groups[0]["lr"]
+        if lr_after < lr_before * (1 - 1e-6) - LR_EPS:
+            mon.log("INFO", f"Epoch {epoch}: LR reduced to {lr_after:g}")
+        self._epoch_checkpoints(epoch, metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, kind: str) -> Path:
+        """Called at a step boundary by the monitor (manual, stop) or by the trainer (last, epoch, best)."""
+        p = self.monitor.progress
+        state = {
+            "format": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(), "epoch": p.epochs_done, "batch": p.batch,
+            "global_step": p.global_step, "rng": ckpt.rng_state(), "config": self.cfg.model_dump(mode="json"),
+            "monitor": self.monitor.state_dict(), "best": self.best, "seed": self.seed,
+        }
+        kind = "last" if kind == "stop" else kind
+        return self.ckpts.save(state, kind, epoch=p.epochs_done, step=p.global_step)
+
+    def _epoch_checkpoints(self, epoch: int, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        cfg = self.cfg.checkpoint
+        key = self.cfg.scheduler.monitor
+        value = metrics.get(key)
+        better = value is not None and (self.best is None or (value > self.best if key.endswith("acc") else value < self.best))
+        if better:
+            self.best = value
+            self.save_checkpoint("best")
+        if cfg.every_epochs and epoch % cfg.every_epochs == 0:
+            self.save_checkpoint("epoch")
+        self.save_checkpoint("last")
+
+    def _restore(self) -> dict:
+        path = self.ckpts.latest()
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.run.checkpoint_dir}")
+        state = ckpt.load(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_state(state["rng"])
+        self.best = state.get("best")
+        self.seed = state.get("seed", self.seed)
+        return state["monitor"]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _loader(self, dataset, sampler) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+
+    def _shard_len(self) -> int:
+        return -(-len(self.bundle.train) // self.world_size)
+
+    def _param_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
