@@ -8,6 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tbhealth import runstate
 
@@ -26,9 +27,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def fail(message: str, code: int = 1, hint: str | None = None) -> NoReturn:
     """Print an error (and what to do next) on stderr and exit; never a traceback."""
-    err_console.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     if hint:
-        err_console.print(f"[dim]{hint}[/]", soft_wrap=True)
+        err_console.print(f"[dim]{escape(hint)}[/]", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Callable
 
 import typer
+from rich.markup import escape
 
 from tbhealth import runstate
 from tbhealth_cli.common import DEFAULT_LOGDIR, LogdirOpt, RunArg, console, fail, find_run
@@ -41,7 +42,7 @@ def send(command: str, rd: runstate.RunDir, *, wait: bool, timeout: float) -> in
         fail(f"run {rd.path} is {state}: {command} not sent ({why}).", code=EXIT_NOT_LIVE)
     rid = rd.request_control(command, source="cli")
     if not wait:
-        console.print(f"{command} request {rid} sent to {rd.path}")
+        console.print(f"{command} request {rid} sent to {rd.path}", markup=False, soft_wrap=True)
         return 0
     ack = rd.wait_for_ack(rid, timeout)
     if ack is None:
@@ -49,9 +50,9 @@ def send(command: str, rd: runstate.RunDir, *, wait: bool, timeout: float) -> in
              code=EXIT_TIMEOUT, hint=f"Check the run with `tbhealth status {rd.path}`.")
     if ack.get("status") != "done":
         fail(f"{command} rejected: {ack.get('detail', 'no reason given')}", code=EXIT_REJECTED)
-    console.print(f"[green]{command}[/]: {ack.get('detail', 'done')}")
+    console.print(f"[green]{command}[/]: {escape(ack.get('detail', 'done'))}", soft_wrap=True)
     if command == "checkpoint" and ack.get("path"):
-        console.print(ack["path"], markup=False, highlight=False)
+        console.print(ack["path"], markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

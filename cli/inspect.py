@@ -114,7 +114,10 @@ def runs(logdir: LogdirArg = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> No
         _echo_json(summaries)
         return
     if not summaries:
-        console.print(f"No runs under {os.fspath(logdir)!r} yet. Start one: tbhealth train CONFIG --logdir {os.fspath(logdir)}")
+        console.print(
+            f"No runs under {os.fspath(logdir)!r} yet. Start one: tbhealth train CONFIG --logdir {os.fspath(logdir)}",
+            markup=False,
+        )
         return
     render.print_runs(console, summaries)
 

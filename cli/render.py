@@ -14,7 +14,6 @@ import time
 from datetime import datetime
 from typing import Any, Literal
 
-from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
@@ -123,7 +122,9 @@ def trend(name: str, value: Any, delta: Any) -> Trend:
     d, v = _num(delta), _num(value)
     if d is None or not math.isfinite(d):
         return "none"
-    better_up = METRICS.get(name, False if "loss" in name else None)
+    better_up = METRICS.get(name)
+    if name not in METRICS:  # a metric a custom loop added: judge it by its name
+        better_up = False if "loss" in name else (True if name.endswith("acc") else None)
     tolerance = FLAT_ACC if name.endswith("acc") else FLAT_RELATIVE * abs(v or 0.0)
     if abs(d) <= tolerance:
         return "flat"
@@ -226,19 +227,21 @@ def format_system(system: Any) -> RenderableType:
 
 
 def format_gpu(gpu: Any) -> RenderableType:
+    """Name and load on one line, a memory bar under it (red past the ``memory`` rule's 95 %)."""
     if not isinstance(gpu, dict):
         return Text("GPU: no GPU")
     used, total = _num(gpu.get("memory_used_bytes")), _num(gpu.get("memory_total_bytes"))
     frac = used / total if used is not None and total else None
     style = "green" if frac is None or frac < 0.8 else ("yellow" if frac < 0.95 else "red")
     util = _num(gpu.get("utilization_percent"))
+    head = Text(f"GPU {gpu.get('name') or '?'} · util {DASH if util is None else f'{util:.0f}%'}")
     grid = Table.grid(padding=(0, 1))
-    grid.add_row(
-        Text(f"GPU {gpu.get('name') or ''}".rstrip()),
-        _bar(frac, width=20, style=style),
-        Text(f"{format_bytes(used)} / {format_bytes(total)}, util {DASH if util is None else f'{util:.0f}%'}"),
-    )
-    return grid
+    grid.add_row(Text("   "), _bar(frac, width=20, style=style), Text(f"{format_bytes(used)} / {format_bytes(total)}"))
+    lines: list[RenderableType] = [head, grid]
+    allocated, reserved = gpu.get("torch_allocated_bytes"), gpu.get("torch_reserved_bytes")
+    if _num(allocated) is not None:
+        lines.append(Text(f"    torch: {format_bytes(allocated)} allocated, {format_bytes(reserved)} reserved"))
+    return Group(*lines)
 
 
 def format_alert_line(alert: dict) -> Text:
@@ -303,35 +306,36 @@ def format_status(status: dict, run: str, alerts: list[dict] | None = None, now:
 def format_alerts(alerts: list[dict], now: float | None = None) -> Table:
     table = Table(show_lines=False, expand=False)
     for col in ("Time", "Severity", "Rule", "Layer", "Message", "Status"):
-        table.add_column(col, overflow="fold", ratio=4 if col == "Message" else None)
+        table.add_column(col, overflow="fold")
     for a in sorted(alerts, key=lambda a: _num(a.get("time")) or 0.0):
         severity = str(a.get("severity") or DASH)
         resolved = bool(a.get("resolved"))
         table.add_row(
             format_time(a.get("time"), now),
             Text(severity, style=SEVERITY_COLORS.get(severity, "")),
-            str(a.get("rule") or DASH),
-            str(a.get("layer") or DASH),
-            str(a.get("message") or ""),
+            Text(str(a.get("rule") or DASH)),  # Text: data is never read as Rich markup
+            Text(str(a.get("layer") or DASH)),
+            Text(str(a.get("message") or "")),
             Text("resolved", style="dim") if resolved else Text("active", style="bold"),
         )
     return table
 
 
 def format_runs(summaries: list[dict]) -> Table:
-    # A light box: eight columns must fit an 80-column terminal next to a long run name.
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), expand=False)
+    # No box, like `ps`: eight columns must fit an 80-column terminal beside a long run name,
+    # which folds; the other columns keep their width while they can.
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", expand=False)
     table.add_column("Run", overflow="fold", min_width=10)
-    for col in ("State", "Epoch", "Progress", "ETA", "val_loss", "val_acc", "Alerts"):
-        table.add_column(col, overflow="fold", justify="right" if col in ("val_loss", "val_acc", "Alerts") else "left")
+    for col, width in (("State", 12), ("Epoch", 5), ("Progress", 9), ("ETA", 6), ("val_loss", 8), ("val_acc", 7), ("Alerts", 6)):
+        table.add_column(col, overflow="fold", min_width=width, justify="right" if col in ("val_loss", "val_acc", "Alerts") else "left")
     for s in summaries:
         epoch, total = s.get("epoch"), s.get("total_epochs")
         alerts = s.get("alerts_active")
         table.add_row(
-            str(s.get("run")),
+            Text(str(s.get("run"))),
             format_badge(s.get("state"), pad=False),
             f"{DASH if epoch is None else epoch}/{DASH if total is None else total}",
-            _bar(_num(s.get("progress")), width=6),
+            _bar(_num(s.get("progress")), width=4),
             format_duration(s.get("eta_s")) if s.get("state") in ("training", "paused", "starting") else DASH,
             format_value("val_loss", s.get("val_loss")),
             format_value("val_acc", s.get("val_acc")),
@@ -349,7 +353,7 @@ def print_status(console: Console, status: dict, run: str, alerts: list[dict] | 
 
 def print_alerts(console: Console, alerts: list[dict], run: str) -> None:
     if not alerts:
-        console.print(f"No alerts for run {run!r}.")
+        console.print(Text(f"No alerts for run {run!r}."))
         return
     console.print(format_alerts(alerts))
     active = sum(1 for a in alerts if not a.get("resolved"))

@@ -114,9 +114,9 @@ def print_summary(trainer, state: str, logdir: Path) -> None:
         + (f": val_loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else "")
         + (f", val_acc {acc * 100:.2f}%" if acc is not None else "")
     )
-    console.print(f"Run directory: {trainer.run.path}", markup=False, highlight=False)
+    console.print(f"Run directory: {trainer.run.path}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"Open the Health tab:  tbhealth board {logdir}    (or: tensorboard --logdir {logdir})",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def _discard(run_dir: Path, created: bool) -> None:

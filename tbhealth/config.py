@@ -1,0 +1,452 @@
+"""The run config: one pydantic model per YAML section, loading, ``--set`` overrides, errors.
+
+Precedence, lowest to highest: **defaults** (the field defaults below) < **the YAML file** <
+**``--set key.path=value``** overrides (applied in order, so a later ``--set`` wins).
+
+Every mistake a user can make in a config ends as one :class:`ConfigError` whose ``str()`` is the
+whole user-facing message: each problem on its own line with where it is (``file:line:col`` or
+the ``--set`` that caused it), the dotted key path, the bad value and what is allowed. Checks that
+need torch or user code (optimizer/scheduler/loss names, import paths, kwargs that a factory
+does not accept) live in :mod:`tbhealth.registry` and run from :func:`config_from_dict`, so a
+config that loads is a config that can be built. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tbhealth.health.settings import HealthConfig
+
+__all__ = [
+    "CLASSIFICATION_LOSSES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig",
+    "ModelConfig", "OptimizerConfig", "Problem", "SchedulerConfig", "apply_overrides", "config_from_dict",
+    "did_you_mean", "dump_config", "load_config",
+]
+
+#: Losses (torch.nn class names or the last part of an import path) that make ``task: auto``
+#: mean classification; anything else is regression unless ``task`` says otherwise.
+CLASSIFICATION_LOSSES = frozenset({
+    "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "BCELoss", "MultiMarginLoss",
+    "MultiLabelMarginLoss", "MultiLabelSoftMarginLoss", "SoftMarginLoss",
+    "cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+})
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config. ``where`` is ``file:line:col`` or ``--set ...`` when known."""
+
+    path: str
+    message: str
+    where: str = ""
+
+    def __str__(self) -> str:
+        head = ": ".join(p for p in (self.where, self.path) if p)
+        return f"{head}: {self.message}" if head else self.message
+
+
+class ConfigError(Exception):
+    """An invalid config; ``str()`` is the complete message for the user (never a traceback)."""
+
+    def __init__(self, problems: str | Problem | Sequence[Problem], source: str | None = None):
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        self.source = source
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        n = len(self.problems)
+        what = f"config {self.source}" if self.source else "config"
+        lines = [f"Invalid {what} ({n} problem{'s' if n != 1 else ''}):"]
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self._render()
+
+
+def did_you_mean(value: Any, allowed: Sequence[str]) -> str:
+    """`` Did you mean 'Adam'?`` (leading space) for a near miss, else an empty string."""
+    text = str(value)
+    exact = [a for a in allowed if a.lower() == text.lower()]
+    close = exact or difflib.get_close_matches(text, list(allowed), n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+# --------------------------------------------------------------------------- the sections
+
+
+class _Section(BaseModel):
+    """Unknown keys fail; assignment re-validates (the CLI sets ``name``/``logdir`` after loading)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("kwargs", mode="before", check_fields=False)
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class DataConfig(_Section):
+    source: str = Field("digits", description="Built-in data name or import path 'package.module:function'.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the data factory.")
+    batch_size: int = Field(64, gt=0, description="Samples per batch (samples).")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of built-in data held out (fraction 0–1).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process).")
+
+
+class ModelConfig(_Section):
+    source: str = Field("mlp", description="Built-in model name or import path 'package.module:function'.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the model factory (built-ins infer sizes)."
+    )
+
+
+class OptimizerConfig(_Section):
+    name: str = Field("Adam", description="torch.optim class name, or import path to an Optimizer subclass.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate (the optimizer's units).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="More optimizer arguments (not lr).")
+
+
+class SchedulerConfig(_Section):
+    name: str | None = Field(None, description="torch.optim.lr_scheduler class name, import path, or null (none).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Scheduler arguments (not the optimizer).")
+    monitor: Literal["val_loss", "val_acc", "train_loss", "train_acc"] = Field(
+        "val_loss", description="Metric ReduceLROnPlateau watches (an epoch mean)."
+    )
+    interval: Literal["epoch", "step"] = Field("epoch", description="Step the scheduler once per epoch or per optimizer step.")
+
+
+class CheckpointConfig(_Section):
+    every_epochs: int = Field(1, ge=0, description="Save every N epochs (epochs; 0: only last and best).")
+    keep_last: int = Field(3, ge=1, description="Periodic checkpoints kept on disk (files).")
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(20, ge=1, description="Read step loss/grad norm off the device every N steps (steps).")
+
+
+_SECTIONS = ("data", "model", "optimizer", "scheduler", "checkpoint", "health", "logging")
+
+
+class Config(_Section):
+    """A whole run. Field defaults are the lowest layer of the precedence (see the module doc)."""
+
+    name: str | None = Field(None, description="Run name (letters, digits, _.-); null: generated.")
+    logdir: str = Field("runs", description="Folder that holds the runs (path).")
+    seed: int | None = Field(0, description="Seed for torch, data split and built-in data (null: random).")
+    epochs: int = Field(10, ge=1, description="Passes over the training data (epochs).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available).")
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="auto: classification for class losses (CrossEntropyLoss...), else regression."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the samples come from.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="What is trained.")
+    loss: str = Field("CrossEntropyLoss", description="torch.nn loss class name or import path 'pkg.mod:fn'.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="How weights move.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="How the LR changes.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="When to save.")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Health rules: thresholds and actions.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="How often step values are read.")
+    amp: bool = Field(False, description="Automatic mixed precision on CUDA (ignored on CPU).")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient L2 norm to this (null: off).")
+    accumulate_steps: int = Field(1, ge=1, description="Batches per optimizer step (batches).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # `scheduler:` with nothing under it is YAML null: mean "defaults", not "not a mapping".
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in _SECTIONS and v is None)}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not _PLAIN_NAME.match(v) or len(v) > 200):
+            raise ValueError("must be a plain name of letters, digits and _.- (no '/', spaces, leading '.' or '-')")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N (N a GPU index, e.g. cuda:0)")
+        return v
+
+    @property
+    def resolved_task(self) -> Literal["classification", "regression"]:
+        """``task`` with ``auto`` decided by the loss (classification losses compute accuracy)."""
+        if self.task != "auto":
+            return self.task
+        last = self.loss.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        return "classification" if last in CLASSIFICATION_LOSSES else "regression"
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, str]]:
+    """The document and ``{key path: 'file:line:col'}`` for every mapping key in it."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        positions: dict[tuple, str] = {}
+        if node is not None:
+            _index_nodes(node, (), filename, positions)
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark, ctx = e.problem_mark or e.context_mark, e.context_mark
+        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
+        what = str(e.problem or "")
+        if e.context:
+            started = f" (line {ctx.line + 1}, column {ctx.column + 1})" if ctx and ctx is not mark else ""
+            what = f"{e.context}{started}: {what}"
+        raise ConfigError(Problem("", f"YAML syntax error: {what}", where)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(Problem("", f"YAML error: {e}", filename)) from None
+    finally:
+        loader.dispose()
+    return data, positions
+
+
+def _index_nodes(node: yaml.Node, path: tuple, filename: str, out: dict[tuple, str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            k = key.value if isinstance(key, yaml.ScalarNode) else str(key)
+            where = f"{filename}:{key.start_mark.line + 1}:{key.start_mark.column + 1}"
+            if k in seen:
+                raise ConfigError(Problem(_dotted(path + (k,)), f"duplicate key (first at line {seen[k]})", where))
+            seen[k] = key.start_mark.line + 1
+            out[path + (k,)] = where
+            _index_nodes(value, path + (k,), filename, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = f"{filename}:{item.start_mark.line + 1}:{item.start_mark.column + 1}"
+            _index_nodes(item, path + (i,), filename, out)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, raw = text.partition("=")
+    parts = tuple(key.strip().split("."))
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(Problem("", "expected key.path=value, e.g. --set optimizer.lr=3e-4", f"--set {text}"))
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: take the text as written (a string)
+    return tuple(p.strip() for p in parts), value
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if (m := _model_of(arg)) is not None:
+                return m
+    return None
+
+
+def _check_override_path(parts: tuple[str, ...], text: str) -> None:
+    """Refuse a path the schema has no place for; ``kwargs`` (and other free dicts) take any key."""
+    annotation: Any = Config
+    for i, part in enumerate(parts):
+        model = _model_of(annotation)
+        if model is None:
+            if typing.get_origin(annotation) is dict or annotation in (dict, Any):
+                args = typing.get_args(annotation)
+                annotation = args[1] if len(args) == 2 else Any
+                continue
+            raise ConfigError(Problem(
+                _dotted(parts[:i]), f"is a single value, it has no key {part!r}", f"--set {text}"
+            ))
+        fields = model.model_fields
+        if part not in fields:
+            where = _dotted(parts[:i]) or "the top level"
+            raise ConfigError(Problem(
+                _dotted(parts[: i + 1]),
+                f"unknown key {part!r} under {where}.{did_you_mean(part, list(fields))}"
+                f" Allowed: {', '.join(fields)}",
+                f"--set {text}",
+            ))
+        annotation = fields[part].annotation
+
+
+def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
+    """A copy of ``d`` with each ``key.path=value`` set (value parsed as YAML: 3, 1e-3, [1, 2], null)."""
+    out = _deep_copy(d)
+    for text in overrides:
+        parts, value = _parse_override(text)
+        _check_override_path(parts, text)
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read, override and fully check a YAML config (see the module doc for the precedence)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(Problem("", f"config file not found: {str(p)!r} (looked in {Path.cwd()})")) from None
+    except IsADirectoryError:
+        raise ConfigError(Problem("", f"{str(p)!r} is a directory; give a YAML file")) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(Problem("", f"cannot read {str(p)!r}: {e}")) from None
+    try:
+        data, positions = _parse_yaml(text, str(p))
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=str(p)) from None
+    if data is None:
+        data = {}  # an empty file means "all defaults"
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(
+            "", f"the top level must be a mapping of keys ({', '.join(Config.model_fields)}), "
+            f"got a {type(data).__name__}", f"{p}:1:1"), source=str(p))
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=str(p)) from None
+    for text_ in overrides:
+        parts = tuple(s.strip() for s in text_.partition("=")[0].split("."))
+        for key in [k for k in positions if k[: len(parts)] == parts]:
+            del positions[key]
+        positions[parts] = f"--set {text_}"
+    return config_from_dict(data, source=str(p), positions=positions)
+
+
+def config_from_dict(d: dict, source: str = "<dict>", positions: dict[tuple, str] | None = None) -> Config:
+    """Validate ``d`` and run every check that needs no data (names, imports, kwargs)."""
+    from tbhealth import registry  # imports torch; only when something is validated
+
+    positions = positions or {}
+    if not isinstance(d, dict):
+        raise ConfigError(Problem("", f"a config must be a mapping, got {type(d).__name__}"), source=source)
+    try:
+        cfg = Config.model_validate(d)
+    except ValidationError as e:
+        problems = [_problem_from_pydantic(err) for err in e.errors()]
+        reported = {p.path for p in problems}
+        problems += [p for p in registry.check_names(d) if p.path not in reported]
+        raise ConfigError(_locate(problems, positions), source=source) from None
+    problems = registry.config_problems(cfg)
+    if problems:
+        raise ConfigError(_locate(problems, positions), source=source)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML of the resolved config (defaults filled in); loading it gives back an equal Config."""
+    body = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
+    return f"# tbhealth config as resolved (defaults < file < --set); task resolves to {cfg.resolved_task}\n{body}"
+
+
+# --------------------------------------------------------------------------- error text
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _problem_from_pydantic(err: dict) -> Problem:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        allowed = list(_fields_at(loc[:-1]))
+        where = _dotted(loc[:-1]) or "the top level"
+        return Problem(_dotted(loc), f"unknown key {loc[-1]!r} under {where}.{did_you_mean(loc[-1], allowed)}"
+                       f" Allowed: {', '.join(allowed)}")
+    msg = msg.removeprefix("Value error, ").replace("Input should be", "must be")
+    if kind == "missing":
+        return Problem(_dotted(loc), "required key is missing")
+    if not isinstance(value, (dict, list)):
+        msg += f" (got {_show(value)})"
+    return Problem(_dotted(loc), msg)
+
+
+def _fields_at(loc: Sequence[Any]) -> dict:
+    model: Any = Config
+    for part in loc:
+        field = _model_of(model).model_fields.get(part) if _model_of(model) else None
+        if field is None:
+            return {}
+        model = field.annotation
+    m = _model_of(model)
+    return m.model_fields if m else {}
+
+
+def _locate(problems: list[Problem], positions: dict[tuple, str]) -> list[Problem]:
+    """Attach ``file:line:col`` (or the ``--set``) of the deepest known key to each problem."""
+    by_dotted = {_dotted(k): v for k, v in positions.items()}
+    out = []
+    for p in problems:
+        where, path = p.where, p.path
+        while not where and path:
+            where = by_dotted.get(path, "")
+            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if path[-1] == "]" or "." in path else ""
+        out.append(Problem(p.path, p.message, where))
+    return sorted(out, key=_line_of)
+
+
+def _line_of(p: Problem) -> tuple[int, int]:
+    """File problems in file order, then ``--set`` ones, then the rest (stable within each)."""
+    m = re.search(r":(\d+):(\d+)$", p.where)
+    return (0, int(m.group(1))) if m else (1 if p.where else 2, 0)

@@ -1,0 +1,168 @@
+"""Alert lifecycle and health score: pure bookkeeping over the findings of successive rounds.
+
+A finding is a rule firing *now*; an alert is an *episode*: it fires once (a new id), is updated
+while its condition persists (same id), and is resolved when a round that checked its rule no
+longer finds it. A rule not checked this round (its inputs were not measured: e.g. dead_neurons
+on a step without sampling) leaves its alerts open: silence is not health.
+
+Each event is the whole alert, shaped like ``tbhealth alerts --json``:
+``{id, rule, severity, message, epoch, step, time, layer, value, threshold, resolved, action}``
+plus ``rank`` under DDP. ``epoch``/``step``/``time`` are when the episode began; a reader that
+merges events by id (``RunDir.read_alerts``) gets the latest message, value and state.
+``value``/``threshold`` are JSON numbers or ``null`` (NaN/Inf would not survive strict JSON).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+
+from tbhealth.health.rules import Finding, episode_key
+
+#: An update is recorded at once when the value moved by more than this fraction...
+REL_CHANGE = 0.10
+#: ...otherwise a changed message/value is recorded at most this often (seconds).
+REFRESH_S = 60.0
+
+# health_score weights: an open critical alert alone leaves 60 (it needs attention now); three
+# open warnings leave 55; log noise alone can never take more than 45 points.
+CRITICAL_PENALTY = 40
+WARNING_PENALTY = 15
+LOGGED_WARNING_PENALTY, LOGGED_WARNING_CAP = 2, 20
+LOGGED_ERROR_PENALTY, LOGGED_ERROR_CAP = 5, 25
+
+
+def _json_number(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _moved(old: float | None, new: float | None, rel: float) -> bool:
+    if old is None or new is None:
+        return (old is None) != (new is None)
+    return abs(new - old) > rel * max(abs(old), 1e-30)
+
+
+def _new_id(rule: str) -> str:
+    # Random, not a counter: a resumed run appends to the same alerts file and must not reuse ids.
+    return f"{rule}-{uuid.uuid4().hex[:10]}"
+
+
+class AlertTracker:
+    """Turns each round's findings into alert events to record (fired, updated, resolved)."""
+
+    def __init__(
+        self,
+        *,
+        open_alerts: Iterable[dict] = (),
+        rel_change: float = REL_CHANGE,
+        refresh_s: float = REFRESH_S,
+        new_id: Callable[[str], str] = _new_id,
+    ) -> None:
+        """``open_alerts``: unresolved alerts of an earlier session of this run (``--resume``), so
+        they keep their ids and resolve when their condition has cleared."""
+        self.rel_change, self.refresh_s, self._new_id = rel_change, refresh_s, new_id
+        self._open: dict[str, dict] = {}
+        #: Alerts that began in the latest ``update``: act (pause/stop) on these only, so that a
+        #: run resumed while its condition persists is not paused again by the same episode.
+        self.fired: list[dict] = []
+        self._emitted: dict[str, tuple[float, float | None, str]] = {}  # key -> (time, value, message)
+        for alert in open_alerts:
+            if not alert.get("resolved"):
+                key = episode_key(alert["rule"], alert.get("layer"), alert.get("rank"))
+                self._open[key] = dict(alert)
+                self._emitted[key] = (float(alert.get("time") or 0.0), alert.get("value"), alert.get("message", ""))
+
+    def update(
+        self, findings: Sequence[Finding], *, epoch: int, step: int, now: float, checked: set[str]
+    ) -> list[dict]:
+        """Events to record for this round, in finding order, resolutions last.
+
+        ``checked``: ids of the rules evaluated this round (``rules.check`` returns them); only
+        their open alerts can resolve. Several findings with one key: the first wins.
+        """
+        events: list[dict] = []
+        seen: set[str] = set()
+        self.fired = []
+        for f in findings:
+            if f.key in seen:
+                continue
+            seen.add(f.key)
+            alert = self._open.get(f.key)
+            if alert is None:
+                alert = self._open[f.key] = self._fire(f, epoch, step, now)
+                events.append(self._emit(f.key, now))
+                self.fired.append(events[-1])
+                continue
+            previous = dict(alert)
+            alert.update(
+                severity=f.severity,
+                message=f.message,
+                value=_json_number(f.value),
+                threshold=_json_number(f.threshold),
+                action=f.action,
+            )
+            if self._worth_recording(f.key, previous, alert, now):
+                events.append(self._emit(f.key, now))
+        for key in [k for k, a in self._open.items() if k not in seen and a["rule"] in checked]:
+            alert = self._open.pop(key)
+            self._emitted.pop(key, None)
+            alert["resolved"] = True
+            events.append(dict(alert))
+        return events
+
+    def active(self) -> list[dict]:
+        """Open alerts, latest state of each (also updates not yet recorded), oldest first."""
+        return [dict(a) for a in self._open.values()]
+
+    def _fire(self, f: Finding, epoch: int, step: int, now: float) -> dict:
+        alert = {
+            "id": self._new_id(f.rule),
+            "rule": f.rule,
+            "severity": f.severity,
+            "message": f.message,
+            "epoch": epoch,
+            "step": step,
+            "time": now,
+            "layer": f.layer,
+            "value": _json_number(f.value),
+            "threshold": _json_number(f.threshold),
+            "resolved": False,
+            "action": f.action,
+        }
+        if f.rank is not None:
+            alert["rank"] = f.rank
+        return alert
+
+    def _worth_recording(self, key: str, previous: dict, alert: dict, now: float) -> bool:
+        """Record at once what a reader must see (value moved a lot, severity/action/threshold
+        changed); record small drifts at most every ``refresh_s``; never record identical rounds."""
+        last_time, last_value, last_message = self._emitted[key]
+        if any(previous[k] != alert[k] for k in ("severity", "action", "threshold")):
+            return True
+        if _moved(last_value, alert["value"], self.rel_change):
+            return True
+        changed = alert["message"] != last_message or alert["value"] != last_value
+        return changed and now - last_time >= self.refresh_s
+
+    def _emit(self, key: str, now: float) -> dict:
+        alert = self._open[key]
+        self._emitted[key] = (now, alert["value"], alert["message"])
+        return dict(alert)
+
+
+def health_score(active_alerts: Iterable[dict], warnings: int = 0, errors: int = 0) -> int:
+    """0–100: 100 minus 40 per open critical alert, 15 per open warning alert, 2 per logged
+    warning (at most 20) and 5 per logged error (at most 25); never below 0.
+
+    ``warnings``/``errors`` count WARNING/ERROR log records of the run; they are capped so that a
+    chatty but healthy run is not scored as broken, while open alerts are not capped.
+    """
+    score = 100
+    for alert in active_alerts:
+        if alert.get("resolved"):
+            continue
+        score -= CRITICAL_PENALTY if alert.get("severity") == "critical" else WARNING_PENALTY
+    score -= min(LOGGED_WARNING_PENALTY * max(warnings, 0), LOGGED_WARNING_CAP)
+    score -= min(LOGGED_ERROR_PENALTY * max(errors, 0), LOGGED_ERROR_CAP)
+    return max(score, 0)

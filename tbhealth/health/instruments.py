@@ -1,0 +1,238 @@
+"""Torch instruments: dead units, zero activations, per-layer gradient norms, non-finite flags.
+
+Everything is computed on the model's device as small reductions and stays there; :meth:`read`
+is the one host–device synchronisation (one copy of one small tensor), so callers do it on
+logging steps only. Sampling is explicit and costs nothing when off: hooks exist only between
+:meth:`Instruments.arm` and :meth:`Instruments.disarm`.
+
+Order on a sampled step (the Monitor's contract)::
+
+    inst.arm()                      # before the forward of a sampled step
+    loss = loss_fn(model(x), y)
+    inst.disarm()                   # right after that forward (validation must not be observed)
+    inst.note_loss(loss)            # every step: a device-side add, no sync
+    loss.backward()                 # AMP: scaler.scale(loss).backward(); scaler.unscale_(opt)
+    inst.capture_gradients()        # after backward/unscale_, before clipping and zero_grad
+    ...
+    sample = inst.read()            # on a logging step: the only sync
+
+What is covered: outputs of activation *modules* (:data:`ACTIVATIONS`, plus modules named in
+``health.activation_modules`` by module name or class name). Functional activations called
+inside ``forward`` (``F.relu(x)``, ``x.relu()``) have no module and are not seen. A unit is
+feature dimension 1: an ``(N, C, ...)`` output is reduced over N and all spatial dims, so for
+``(N, T, C)`` sequence outputs the "units" are positions, which under-reports dead features.
+
+AMP: capture gradients after ``scaler.unscale_`` or norms are multiplied by the loss scale; fp16
+steps the GradScaler skips have Inf gradients by design (see ``divergence.nonfinite_gradients``).
+``torch.compile``: gradient norms always work. Activation hooks reach a compiled graph only if
+Dynamo (re)traces while they are registered (it does not guard on module hooks), so on an
+already-compiled model ``dead_fraction`` reads ``None`` - "not measured", never a false "healthy".
+DDP and compile wrappers are unwrapped
+so layer names are the user's own ``named_modules()`` names (no ``module.``/``_orig_mod.``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from tbhealth.health.settings import HealthConfig
+
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Threshold, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+)  # fmt: skip
+ROOT = "(root)"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _reduce_dtype(device: torch.device) -> torch.dtype:
+    # Squared norms overflow float32 above ~1.8e19; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class Instruments:
+    """Per-layer health measurements of one model; see the module docstring for the call order."""
+
+    def __init__(self, model: nn.Module, settings: HealthConfig | None = None) -> None:
+        self.model = unwrap(model)
+        extra = set(settings.activation_modules) if settings is not None else set()
+        self.activation_layers: list[tuple[str, nn.Module]] = [
+            (name or ROOT, m)
+            for name, m in self.model.named_modules()
+            if isinstance(m, ACTIVATIONS) or name in extra or type(m).__name__ in extra
+        ]
+        self.param_layers: list[tuple[str, list[nn.Parameter]]] = []
+        for name, m in self.model.named_modules():
+            params = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if params:
+                self.param_layers.append((name or ROOT, params))
+        self._handles: list = []
+        self._index_cache: dict[tuple, Tensor] = {}
+        self._reset()
+
+    # ---------------------------------------------------------------------------- activations
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        """Hook activation outputs for the next forward(s); call before a sampled step's forward."""
+        if self._handles:
+            return
+        for name, module in self.activation_layers:
+            self._handles.append(module.register_forward_hook(partial(self._observe, name)))
+
+    def disarm(self) -> None:
+        """Remove every hook: steps that are not sampled pay nothing."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _observe(self, name: str, module: nn.Module, inputs, output) -> None:
+        """Reduce one activation output to two small tensors at once; the output is not kept."""
+        if not module.training:  # validation between two training steps is not what we sample
+            return
+        y = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(y, Tensor) or y.dim() < 2 or y.numel() == 0:
+            return
+        nonzero = y.detach().ne(0)
+        alive = nonzero.amax(dim=(0, *range(2, y.dim())))  # unit alive for some input
+        count = nonzero.sum()
+        previous = self._alive.get(name)
+        if previous is not None and previous.shape == alive.shape:
+            previous.logical_or_(alive)
+            self._nonzero[name].add_(count)
+            self._numel[name] += y.numel()
+        else:
+            self._alive[name], self._nonzero[name], self._numel[name] = alive, count, y.numel()
+
+    # ------------------------------------------------------------------------------ gradients
+
+    def capture_gradients(self) -> None:
+        """Per-layer and global gradient L2 norms of the current ``.grad`` s, on device.
+
+        A layer is a module owning parameters directly; its norm covers those parameters only.
+        Layers without gradients this step (unused, frozen) are left out.
+        """
+        grads: list[Tensor] = []
+        owner: list[int] = []
+        for i, (_, params) in enumerate(self.param_layers):
+            for p in params:
+                if p.grad is not None:
+                    grads.append(p.grad.coalesce().values() if p.grad.is_sparse else p.grad)
+                    owner.append(i)
+        if not grads:
+            return
+        home = grads[0].device
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for j, g in enumerate(grads):
+            by_device[g.device].append(j)
+        order = [j for js in by_device.values() for j in js]
+        norms = torch.cat([
+            torch.stack(torch._foreach_norm([grads[j] for j in js], 2, dtype=torch.float32)).to(home, non_blocking=True)
+            for js in by_device.values()
+        ])  # fmt: skip
+        squares = norms.to(_reduce_dtype(home)).square()
+        present = tuple(sorted(set(owner)))
+        index = self._index(tuple(owner[j] for j in order), present, home)
+        per_layer = torch.zeros(len(present), dtype=squares.dtype, device=home).index_add_(0, index, squares).sqrt()
+        bad = ~torch.isfinite(norms).all()
+        self._grads = (present, per_layer, squares.sum().sqrt())
+        self._grad_bad = bad if self._grad_bad is None else self._grad_bad | bad
+
+    def _index(self, owners: tuple[int, ...], present: tuple[int, ...], device: torch.device) -> Tensor:
+        # Built once per set of layers with gradients (normally once per run): no per-step upload.
+        key = (owners, device)
+        if key not in self._index_cache:
+            slot = {layer: k for k, layer in enumerate(present)}
+            self._index_cache[key] = torch.tensor([slot[o] for o in owners], device=device)
+        return self._index_cache[key]
+
+    # ------------------------------------------------------------------------------ loss flag
+
+    def note_loss(self, loss: Tensor) -> None:
+        """Accumulate the (detached) loss on device: one add, no sync. A NaN/Inf loss makes the sum
+        non-finite until :meth:`read`, so no step's bad loss goes unseen between logging steps."""
+        value = loss.detach()
+        if value.dim():
+            value = value.sum()
+        if self._loss_sum is None:
+            self._loss_sum = value.to(torch.float32, copy=True)
+        else:
+            self._loss_sum.add_(value)
+        self._loss_count += 1
+
+    # ------------------------------------------------------------------------------- reading
+
+    def read(self) -> dict:
+        """The one sync point: what was measured since the last read, as Python values.
+
+        Keys: ``layer_grad_norms`` {layer: norm} and ``global_grad_norm`` (latest capture),
+        ``dead_fraction`` / ``zero_fraction`` {activation layer: fraction 0–1} (over all sampled
+        forwards), ``nonfinite`` ("loss", "gradients" or None), ``loss_mean`` and ``loss_steps``
+        (noted losses). A measurement not taken since the last read is ``None``.
+        """
+        parts: list[Tensor] = []
+        acts = list(self._alive)
+        if self._loss_sum is not None:
+            parts.append(self._loss_sum.reshape(1))
+        if self._grad_bad is not None:
+            parts.append(self._grad_bad.reshape(1))
+        if self._grads is not None:
+            parts += [self._grads[2].reshape(1), self._grads[1]]
+        for name in acts:
+            parts += [self._nonzero[name].reshape(1), (~self._alive[name]).sum().reshape(1)]
+        values = self._fetch(parts)
+        out: dict = {"loss_mean": None, "loss_steps": self._loss_count, "nonfinite": None}
+        if self._loss_sum is not None:
+            total = values.pop(0)
+            out["loss_mean"] = total / self._loss_count
+            out["nonfinite"] = None if total == total and abs(total) != float("inf") else "loss"
+        if self._grad_bad is not None and values.pop(0) and out["nonfinite"] is None:
+            out["nonfinite"] = "gradients"
+        out["layer_grad_norms"] = out["global_grad_norm"] = None
+        if self._grads is not None:
+            present = self._grads[0]
+            out["global_grad_norm"] = values.pop(0)
+            out["layer_grad_norms"] = {self.param_layers[i][0]: values.pop(0) for i in present}
+        zero, dead = {}, {}
+        for name in acts:
+            nonzero, dead_units = values.pop(0), values.pop(0)
+            zero[name] = 1.0 - nonzero / self._numel[name]
+            dead[name] = dead_units / self._alive[name].numel() if self._alive[name].numel() else 0.0
+        out["zero_fraction"], out["dead_fraction"] = (zero, dead) if acts else (None, None)
+        self._reset()
+        return out
+
+    def _fetch(self, parts: list[Tensor]) -> list[float]:
+        if not parts:
+            return []
+        home = parts[0].device
+        dtype = _reduce_dtype(home)
+        flat = torch.cat([p.to(home, dtype=dtype, non_blocking=True) for p in parts])
+        return flat.cpu().tolist()  # the sync
+
+    def _reset(self) -> None:
+        self._alive: dict[str, Tensor] = {}
+        self._nonzero: dict[str, Tensor] = {}
+        self._numel: dict[str, int] = {}
+        self._grads: tuple[tuple[int, ...], Tensor, Tensor] | None = None
+        self._grad_bad: Tensor | None = None
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0

@@ -1,0 +1,207 @@
+"""Shared pieces of the Health-tab tests: real trainings, TensorBoard's own WSGI app, a real
+TensorBoard process. Nothing here fakes a component; it only starts the real ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tensorboard import program
+from tensorboard.backend import application
+from tensorboard.plugins.core import core_plugin
+from werkzeug.test import Client
+
+from tbhealth import runstate
+from tbhealth_plugin.guards import REQUEST_HEADER
+from tbhealth_plugin.plugin import HealthLoader
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "examples" / "digits.yaml"
+PREFIX = "/data/plugin/tbhealth"
+CONTROL_HEADERS = {REQUEST_HEADER: "1", "Content-Type": "application/json"}
+
+
+def tbhealth_exe() -> str:
+    """The ``tbhealth`` console script of the interpreter running the tests."""
+    exe = Path(sys.executable).with_name("tbhealth")
+    return str(exe) if exe.exists() else (shutil.which("tbhealth") or "tbhealth")
+
+
+def train(logdir: Path, name: str, *overrides: str, config: Path = DIGITS, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``tbhealth train`` to completion; fails the test with its output if it does not exit 0."""
+    cmd = [tbhealth_exe(), "train", str(config), "--logdir", str(logdir), "--name", name]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def start_training(logdir: Path, name: str, *overrides: str, config: Path = DIGITS,
+                   output: Path | None = None) -> subprocess.Popen:
+    """Start ``tbhealth train`` in the background (a live run); the caller stops it.
+
+    Its output goes to a pipe, or to the file ``output`` for long runs (a full pipe would block it).
+    """
+    cmd = [tbhealth_exe(), "train", str(config), "--logdir", str(logdir), "--name", name]
+    for o in overrides:
+        cmd += ["--set", o]
+    if output is None:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(output, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_state(logdir: Path, name: str, states: tuple[str, ...], timeout: float = 120) -> dict:
+    rd = runstate.RunDir(logdir / name)
+
+    def check():
+        s = rd.read_status()
+        return s if s and s["state"] in states else None
+
+    return wait_for(check, timeout, f"run {name} to reach {states}")
+
+
+# --------------------------------------------------------------------------- shared real runs
+
+#: ``r1``: 3 epochs with StepLR(step_size=1) so the LR falls at epochs 2 and 3 (gamma 0.3 from 0.003).
+FINISHED_R1 = ("epochs=3", "scheduler.kwargs.step_size=1")
+#: ``r2``: a learning rate far too high, so the health engine raises alerts; started after r1.
+FINISHED_R2 = ("epochs=3", "optimizer.lr=5")
+_shared: dict[str, Path] = {}
+
+
+def finished_runs(tmp_path_factory) -> Path:
+    """A logdir with two finished real trainings, ``r1`` and ``r2``; trained once per session.
+
+    The two trainings run side by side (r2 starts a second later, so it is the newer run).
+    """
+    if "finished" not in _shared:
+        logdir = tmp_path_factory.mktemp("finished")
+        p1 = start_training(logdir, "r1", *FINISHED_R1)
+        time.sleep(1.0)
+        p2 = start_training(logdir, "r2", *FINISHED_R2)
+        for name, proc in (("r1", p1), ("r2", p2)):
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"training {name} exited {proc.returncode}:\n{out}"
+        _shared["finished"] = logdir
+    return _shared["finished"]
+
+
+def start_live(logdir: Path, name: str, *overrides: str) -> subprocess.Popen:
+    """A training that runs until told to stop, once it reports ``training``."""
+    output = logdir.parent / f"{logdir.name}-{name}.out"
+    proc = start_training(logdir, name, "epochs=100000", *overrides, output=output)
+    try:
+        wait_for_state(logdir, name, ("training",), timeout=120)
+    except AssertionError:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"live run {name} did not start:\n{output.read_text()}") from None
+    return proc
+
+
+def control_and_wait(logdir: Path, name: str, command: str, timeout: float = 60) -> dict:
+    """Send ``command`` the way the CLI does and return the trainer's acknowledgement."""
+    rd = runstate.RunDir(logdir / name)
+    rid = rd.request_control(command, source="test")
+    ack = rd.wait_for_ack(rid, timeout)
+    assert ack is not None, f"no acknowledgement of {command} from {name} in {timeout}s"
+    return ack
+
+
+def end_live(proc: subprocess.Popen, logdir: Path, name: str, timeout: float = 60) -> None:
+    """Stop a live run through its control channel (killing it only if that fails)."""
+    if proc.poll() is None:
+        try:
+            runstate.RunDir(logdir / name).request_control("stop", source="test")
+            proc.wait(timeout)
+        except Exception:
+            proc.kill()
+            proc.wait(10)
+
+
+# --------------------------------------------------------------------------- TensorBoard's WSGI app
+
+
+def tb_flags(logdir: Path, *extra: str):
+    """TensorBoard's parsed flags, with the Health tab's own flags defined by its loader."""
+    tb = program.TensorBoard(plugins=[core_plugin.CorePluginLoader, HealthLoader], assets_zip_provider=lambda: None)
+    tb.configure(argv=["", "--logdir", str(logdir), "--load_fast", "false", "--reload_interval", "0",
+                       "--reload_task", "blocking", *extra])
+    return tb
+
+
+def make_app(logdir: Path, *extra: str):
+    """TensorBoard's own application over ``logdir`` (data loaded once, synchronously) with only
+    the core plugin and the Health tab, as a werkzeug test client."""
+    tb = tb_flags(logdir, *extra)
+    provider, multiplexer = tb._make_data_provider()
+    app = application.TensorBoardWSGIApp(tb.flags, tb.plugin_loaders, provider, None, multiplexer)
+    return Client(app)
+
+
+def post_control(client: Client, body, headers: dict | None = None, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    return client.post(PREFIX + "/control", data=data, headers=CONTROL_HEADERS if headers is None else headers)
+
+
+# --------------------------------------------------------------------------- a real TensorBoard process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_tensorboard(logdir: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    tb = Path(sys.executable).with_name("tensorboard")
+    cmd = [str(tb), "--logdir", str(logdir), "--port", str(port), "--reload_interval", "1", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for_listing(port: int, timeout: float = 60) -> dict:
+    """``/data/plugins_listing`` once the server answers it."""
+
+    def fetch():
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/data/plugins_listing", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    return wait_for(fetch, timeout, f"TensorBoard on port {port}", interval=0.1)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> str:
+    """Terminate ``proc`` (if still running) and return what it printed."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    out = proc.stdout.read() if proc.stdout else ""
+    return out or ""

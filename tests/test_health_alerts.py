@@ -1,0 +1,132 @@
+"""Alert lifecycle (fire once, update, resolve, re-fire) and the health score."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tbhealth.health import AlertTracker, HealthConfig, Observation, check, check_all, health_score
+
+ALERT_KEYS = {"id", "rule", "severity", "message", "epoch", "step", "time", "layer", "value", "threshold", "resolved"}
+
+
+def vanishing(norm: float | None, rank: int | None = None):
+    """Findings and checked rules of a round in which layer 'net.0' has gradient norm ``norm``."""
+    obs = Observation(layer_grad_norms={} if norm is None else {"net.0": norm, "net.2": 1.0}, rank=rank)
+    return check(obs, HealthConfig())
+
+
+def round_(tracker: AlertTracker, norm: float | None, now: float, step: int = 0, rank: int | None = None):
+    findings, checked = vanishing(norm, rank)
+    return tracker.update(findings, epoch=1, step=step, now=now, checked=checked)
+
+
+def test_alert_fires_once_with_the_documented_shape():
+    tracker = AlertTracker()
+    [event] = round_(tracker, 1e-9, now=100.0, step=40)
+    assert set(event) == ALERT_KEYS | {"action"}
+    assert event["rule"] == "vanishing_gradients" and event["layer"] == "net.0" and event["severity"] == "warning"
+    assert (event["epoch"], event["step"], event["time"]) == (1, 40, 100.0)
+    assert (event["resolved"], event["action"]) == (False, "warn")
+    assert (event["value"], event["threshold"]) == (1e-9, 1e-7)
+    assert "Layer 'net.0' has vanishing gradients" in event["message"]
+    json.dumps(event, allow_nan=False)  # strict JSON: what the CLI and the plugin read
+    assert tracker.fired == [event]
+    assert round_(tracker, 1e-9, now=101.0) == []  # identical round: nothing to record
+    assert tracker.fired == []  # an ongoing episode is not acted on again
+    assert [a["id"] for a in tracker.active()] == [event["id"]]
+
+
+def test_alert_updates_keep_the_id_and_are_throttled():
+    tracker = AlertTracker(rel_change=0.10, refresh_s=60.0)
+    [fired] = round_(tracker, 1e-9, now=0.0)
+    assert round_(tracker, 1.05e-9, now=10.0) == []  # small drift: not worth a record yet
+    assert tracker.active()[0]["value"] == 1.05e-9  # ...but the live view is current
+    [update] = round_(tracker, 5e-9, now=11.0)  # moved more than 10 %: recorded at once
+    assert update["id"] == fired["id"] and update["value"] == 5e-9 and not update["resolved"]
+    assert "5e-09" in update["message"] and update["time"] == 0.0  # time: when the episode began
+    assert round_(tracker, 5.2e-9, now=30.0) == []
+    [refresh] = round_(tracker, 5.3e-9, now=71.0)  # small drift, but refresh_s passed
+    assert refresh["id"] == fired["id"] and refresh["value"] == 5.3e-9
+    assert round_(tracker, 5.3e-9, now=500.0) == []  # unchanged: never re-recorded
+
+
+def test_alert_resolves_only_when_its_rule_was_checked():
+    tracker = AlertTracker()
+    [fired] = round_(tracker, 1e-9, now=0.0)
+    assert tracker.update([], epoch=1, step=5, now=1.0, checked={"dead_neurons"}) == []  # not checked: stays open
+    assert tracker.update([], epoch=1, step=5, now=1.0, checked=set()) == []
+    [resolved] = round_(tracker, 0.5, now=2.0)
+    assert resolved["id"] == fired["id"] and resolved["resolved"] is True
+    assert tracker.active() == []
+    assert round_(tracker, 0.5, now=3.0) == []
+
+
+def test_refiring_after_resolution_is_a_new_episode():
+    tracker = AlertTracker()
+    [first] = round_(tracker, 1e-9, now=0.0)
+    round_(tracker, 0.5, now=1.0)
+    [second] = round_(tracker, 1e-9, now=2.0, step=99)
+    assert second["id"] != first["id"] and second["step"] == 99 and not second["resolved"]
+
+
+def test_layers_and_ranks_are_separate_episodes():
+    tracker = AlertTracker()
+    ranks = [Observation(layer_grad_norms={"net.0": 1e-9}, rank=r) for r in (0, 1)]
+    findings, checked = check_all(ranks, HealthConfig())
+    a, b = tracker.update(findings, epoch=0, step=0, now=0.0, checked=checked)
+    assert a["id"] != b["id"] and (a["rank"], b["rank"]) == (0, 1) and "[rank 1]" in b["message"]
+    ranks[1] = Observation(layer_grad_norms={"net.0": 1.0}, rank=1)
+    findings, checked = check_all(ranks, HealthConfig())
+    [resolved] = tracker.update(findings, epoch=0, step=1, now=1.0, checked=checked)
+    assert resolved["id"] == b["id"] and resolved["resolved"]
+    findings, checked = check(Observation(layer_grad_norms={"x": 0.0, "y": 0.0}), HealthConfig())
+    events = tracker.update(findings, epoch=0, step=0, now=0.0, checked=set())
+    assert sorted(e["layer"] for e in events) == ["x", "y"] and "rank" not in events[0]
+
+
+def test_nonfinite_values_are_recorded_as_null():
+    findings, checked = check(Observation(nonfinite="loss"), HealthConfig(divergence={"action": "stop"}))
+    [event] = AlertTracker().update(findings, epoch=0, step=3, now=0.0, checked=checked)
+    assert event["value"] is None and event["severity"] == "critical" and event["action"] == "stop"
+    json.dumps(event, allow_nan=False)
+
+
+def test_resumed_tracker_continues_open_episodes():
+    first = AlertTracker()
+    [fired] = round_(first, 1e-9, now=0.0)
+    resumed = AlertTracker(open_alerts=[fired, {**fired, "id": "old", "resolved": True}])
+    assert [a["id"] for a in resumed.active()] == [fired["id"]]
+    assert round_(resumed, 1e-9, now=1.0) == []
+    [resolved] = round_(resumed, 0.5, now=2.0)
+    assert resolved["id"] == fired["id"] and resolved["resolved"]
+
+
+def test_ids_are_unique_across_trackers():
+    ids = {round_(AlertTracker(), 1e-9, now=0.0)[0]["id"] for _ in range(50)}
+    assert len(ids) == 50 and all(i.startswith("vanishing_gradients-") for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("severities", "warnings", "errors", "score"),
+    [
+        ([], 0, 0, 100),
+        (["warning"], 0, 0, 85),
+        (["critical"], 0, 0, 60),
+        (["critical", "warning"], 0, 0, 45),
+        ([], 3, 0, 94),
+        ([], 100, 0, 80),  # logged warnings capped at 20 points
+        ([], 0, 2, 90),
+        ([], 0, 100, 75),  # logged errors capped at 25 points
+        (["critical", "critical", "critical"], 0, 0, 0),  # floor
+        (["warning"], 5, 1, 70),
+    ],
+)
+def test_health_score(severities, warnings, errors, score):
+    alerts = [{"severity": s, "resolved": False} for s in severities]
+    assert health_score(alerts, warnings, errors) == score
+
+
+def test_health_score_ignores_resolved_alerts():
+    assert health_score([{"severity": "critical", "resolved": True}]) == 100

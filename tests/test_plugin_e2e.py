@@ -1,0 +1,193 @@
+"""The Health tab in a real browser against a real TensorBoard and real trainings.
+
+One TensorBoard process serves a logdir with two finished runs and one live training; headless
+Chromium drives the tab the way a user does. The tests run in file order and share the page:
+overview, run page, pause/resume, checkpoint download, stop. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from tbhealth import runstate
+from tests.plugin_helpers import (
+    REPO, end_live, finished_runs, start_live, start_tensorboard, stop_process, wait_for, wait_for_listing,
+    free_port,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(600)]
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+#: The LR halves every epoch, so reductions show up within the first epochs.
+LIVE = ("scheduler.kwargs.step_size=1", "scheduler.kwargs.gamma=0.5", "logging.every_steps=5")
+T = 60_000  # ms: generous, two CPU cores run TensorBoard, Chromium and a training at once
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("e2e") / "runs"
+    shutil.copytree(finished_runs(tmp_path_factory), logdir)
+    proc = start_live(logdir, "live", *LIVE)
+    port = free_port()
+    tb = start_tensorboard(logdir, port)
+    try:
+        listing = wait_for_listing(port)
+        yield {"logdir": logdir, "port": port, "trainer": proc, "listing": listing}
+    finally:
+        end_live(proc, logdir, "live")
+        stop_process(tb)
+
+
+@pytest.fixture(scope="module")
+def browser_page(board):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://localhost:{board['port']}/#tbhealth")
+        yield page, errors
+        browser.close()
+
+
+def frame(page):
+    return page.frame_locator("iframe")
+
+
+def tid(name: str) -> str:
+    return f'[data-testid="{name}"]'
+
+
+def row(page, run: str):
+    return frame(page).locator(f'{tid("run-row")}[data-run="{run}"]')
+
+
+def shoot(page, name: str, height: int = 1000) -> None:
+    """Screenshot with a viewport tall enough that the tab's iframe shows everything."""
+    page.set_viewport_size({"width": 1400, "height": height})
+    page.wait_for_timeout(1500)  # Plotly relayouts on resize
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def badge_state(locator) -> str:
+    return locator.get_attribute("data-state")
+
+
+def test_health_tab_is_listed(board, browser_page):
+    page, _ = browser_page
+    entry = board["listing"]["tbhealth"]
+    assert entry["enabled"] and entry["tab_name"] == "Health"
+    page.get_by_role("tab", name=re.compile("health", re.I)).wait_for(timeout=T)
+
+
+def test_overview_shows_the_live_and_the_finished_runs(board, browser_page):
+    page, _ = browser_page
+    live, r1 = row(page, "live"), row(page, "r1")
+    live.wait_for(timeout=T)
+    assert badge_state(live.locator(tid("state-badge"))) == "training"
+    assert badge_state(r1.locator(tid("state-badge"))) == "completed"
+    assert re.fullmatch(r"\d+/100000", live.locator(tid("run-epoch")).inner_text())
+    assert r1.locator(tid("run-epoch")).inner_text() == "3/3"
+    assert r1.locator(tid("run-val-acc")).inner_text().endswith("%")
+    names = frame(page).locator(tid("run-row")).evaluate_all("rows => rows.map(r => r.dataset.run)")
+    assert names[0] == "live" and set(names) == {"live", "r1", "r2"}  # newest first
+    shoot(page, "overview", 700)
+
+
+def test_run_page_shows_status_progress_cards_curves_lr_markers_and_logs(board, browser_page):
+    page, _ = browser_page
+    f = frame(page)
+    row(page, "live").locator(tid("run-link")).click()
+    f.locator(tid("run-page")).wait_for(timeout=T)
+    assert f.locator(tid("run-title")).inner_text() == "live"
+    wait_for(lambda: badge_state(f.locator(tid("run-state"))) == "training", 30, "training badge")
+    assert re.fullmatch(r"\d+/100000", f.locator(tid("status-epoch")).inner_text())
+    assert f.locator(tid("status-gpu")).inner_text() == "no GPU"
+    assert "%" in f.locator(tid("status-cpu")).inner_text()
+    assert re.match(r"Epoch \d+/100000 – Batch \d+/\d+", f.locator(tid("progress-epoch-label")).inner_text())
+    # Cards get values once the first epoch is done; the LR falls at epoch 2 and TB reloads every second.
+    f.locator(tid("lr-reduction")).first.wait_for(timeout=T * 2)
+    assert re.fullmatch(r"Epoch \d+: LR reduced to [0-9.]+", f.locator(tid("lr-reduction")).first.inner_text())
+    for card in ("card-train-loss", "card-val-loss", "card-train-acc", "card-val-acc"):
+        assert f.locator(f"{tid(card)} {tid('card-value')}").inner_text() not in ("", "—"), card
+    for chart in ("chart-loss", "chart-acc", "chart-lr"):
+        f.locator(f"{tid(chart)} svg.main-svg").first.wait_for(timeout=T)
+    assert f.locator(f'{tid("chart-loss")} .scatterlayer .trace').count() == 2  # train and val
+    assert f.locator(f'{tid("chart-lr")} .shapelayer path').count() >= 1    # reduction lines
+    assert "LR reduced to" in f.locator(tid("chart-lr")).inner_text()        # and their labels
+    assert f.locator(tid("log-line")).count() > 0
+    assert "Epoch 1/100000 done" in f.locator(tid("logs")).inner_text()
+    assert re.fullmatch(r"\d+ warnings?", f.locator(tid("log-warnings")).inner_text())
+
+
+def test_pause_then_resume(board, browser_page):
+    page, _ = browser_page
+    f = frame(page)
+    f.locator(tid("btn-pause")).click()
+    f.locator(f'{tid("control-outcome")}[data-status="done"]').wait_for(timeout=T)
+    assert f.locator(tid("control-outcome")).inner_text().startswith("pause done")
+    wait_for(lambda: badge_state(f.locator(tid("run-state"))) == "paused", 30, "paused badge")
+    assert runstate.RunDir(board["logdir"] / "live").read_status()["state"] == "paused"
+    assert f.locator(tid("btn-pause")).is_hidden() and f.locator(tid("btn-resume")).is_visible()
+    f.locator(tid("btn-resume")).click()
+    wait_for(lambda: f.locator(tid("control-outcome")).inner_text().startswith("resume done"), 60, "resume ack")
+    wait_for(lambda: badge_state(f.locator(tid("run-state"))) == "training", 30, "training badge")
+
+
+def test_save_checkpoint_offers_a_working_download(board, browser_page):
+    page, _ = browser_page
+    f = frame(page)
+    f.locator(tid("btn-checkpoint")).click()
+    link = f.locator(tid("checkpoint-link"))
+    link.wait_for(timeout=T)
+    href = link.get_attribute("href")
+    name = re.search(r"name=([^&]+)", href).group(1)
+    on_disk = runstate.RunDir(board["logdir"] / "live").checkpoint_file(name)
+    assert on_disk is not None
+    response = page.request.get(f"http://localhost:{board['port']}/data/plugin/tbhealth/{href}")
+    assert response.status == 200 and len(response.body()) == on_disk.stat().st_size > 0
+    with page.expect_download(timeout=T) as download:
+        link.click()
+    assert download.value.suggested_filename == name
+    shoot(page, "run", 3000)
+
+
+def test_dark_theme_follows_tensorboard(browser_page):
+    page, _ = browser_page
+    page.emulate_media(color_scheme="dark")
+    f = frame(page)
+    html = f.locator("html")
+    try:
+        wait_for(lambda: html.get_attribute("data-theme") == "dark", 20, "dark theme")
+        shoot(page, "run-dark", 3000)
+    finally:
+        page.emulate_media(color_scheme="light")
+    wait_for(lambda: html.get_attribute("data-theme") == "light", 20, "light theme again")
+
+
+def test_stop_asks_for_confirmation_then_the_trainer_exits(board, browser_page):
+    page, errors = browser_page
+    f = frame(page)
+    f.locator(tid("btn-stop")).click()
+    dialog = f.locator(tid("confirm-stop"))
+    dialog.wait_for(timeout=T)
+    f.locator(tid("confirm-stop-cancel")).click()
+    assert dialog.count() == 0 and board["trainer"].poll() is None  # cancel does nothing
+    f.locator(tid("btn-stop")).click()
+    f.locator(tid("confirm-stop-yes")).click()
+    assert board["trainer"].wait(90) == 0
+    wait_for(lambda: badge_state(f.locator(tid("run-state"))) == "stopped", 30, "stopped badge")
+    assert f.locator(tid("btn-pause")).is_disabled()
+    f.locator(tid("back-link")).click()
+    wait_for(lambda: badge_state(row(page, "live").locator(tid("state-badge"))) == "stopped", 30, "overview badge")
+    assert not errors, errors
