@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -56,12 +57,21 @@ def train(
 
         raise typer.Exit(launch(config, overrides, logdir, name, resume, quiet, nproc_per_node=nproc_per_node,
                                 nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint))
-    raise typer.Exit(run_training(cfg, config, logdir, name, resume, quiet))
+    code = run_training(cfg, config, logdir, name, resume, quiet)
+    from tbhealth import distributed
+
+    if distributed.launched_by_torchrun():
+        # A torchrun worker leaves without running C++ static destructors: at interpreter exit
+        # c10d's background threads can still be joinable, and std::terminate would turn a clean
+        # finish into SIGABRT (seen with Gloo under load). Everything is flushed and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code)
 
 
-def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool,
-                 rank: int = 0, world_size: int = 1) -> int:
-    """Build and run a Trainer; returns the exit code. Shared by plain and distributed launches."""
+def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool) -> int:
+    """Build and run a Trainer; returns the exit code. Under torchrun, every worker runs this."""
     from tbhealth import runstate
     from tbhealth.config import ConfigError
 
@@ -71,28 +81,30 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
         runstate.resolve_run(logdir, name)
     except runstate.RunNameError as e:
         fail(f"--name: {e}", code=EXIT_USAGE)
-    created = False
-    if resume:
-        run_dir = logdir / name
-        if not any(run_dir.glob("checkpoints/*.pt")):
-            fail(f"--resume: no checkpoint in {run_dir}/checkpoints to resume from.", code=EXIT_USAGE,
-                 hint="Start it without --resume, or name an existing run with --name.")
-    elif rank == 0:
-        run_dir, created = runstate.unique_run_dir(logdir, name), True
-    else:
-        run_dir = Path(os.environ["TBHEALTH_RUN_DIR"])
+    if resume and not any((logdir / name).glob("checkpoints/*.pt")):
+        fail(f"--resume: no checkpoint in {logdir / name}/checkpoints to resume from.", code=EXIT_USAGE,
+             hint="Start it without --resume, or name an existing run with --name.")
+    from tbhealth import distributed
+
+    dist = distributed.init_from_env(cfg.device) if distributed.launched_by_torchrun() else None
+    created = not resume and (dist is None or dist.is_main)
+    run_dir = runstate.unique_run_dir(logdir, name) if created else logdir / name
+    if dist is not None:  # rank 0 picked the (unique) directory; everyone uses it
+        run_dir = Path(dist.broadcast(str(run_dir)))
     from tbhealth.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, run_dir, resume=resume, verbose=not quiet and rank == 0, rank=rank, world_size=world_size)
+        trainer = Trainer(cfg, run_dir, resume=resume, verbose=not quiet, dist=dist)
     except ConfigError as e:
         _discard(run_dir, created)
         fail(str(e), code=EXIT_USAGE)
     except Exception as e:  # the user's data or model factory failed
         _discard(run_dir, created)
         fail(f"could not set up training: {type(e).__name__}: {e}", code=EXIT_FAILED)
+    clean = False
     try:
         state = trainer.fit()
+        clean = True
     except KeyboardInterrupt:
         err_console.print("[red]Aborted[/] by a second interrupt; no checkpoint written for the current step.")
         return EXIT_ABORTED
@@ -100,7 +112,10 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
         log = trainer.run.log_path
         fail(f"training failed: {type(e).__name__}: {e}", code=EXIT_FAILED,
              hint=f"The traceback is in {log}; the run's state is 'failed'.")
-    if rank == 0 and not quiet:
+    finally:
+        if dist is not None:
+            distributed.shutdown(dist, clean=clean)
+    if trainer.monitor.is_writer and not quiet:
         print_summary(trainer, state, logdir)
     return 0
 

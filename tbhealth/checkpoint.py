@@ -72,15 +72,18 @@ class CheckpointManager:
         self.dir = run.checkpoint_dir
         self.keep_last = keep_last
 
-    def save(self, state: dict, kind: str, *, epoch: int = 0, step: int = 0) -> Path:
-        """Write ``state`` as ``kind`` (last, epoch, best, manual) and rotate epoch files."""
+    def path_for(self, kind: str, *, epoch: int = 0, step: int = 0) -> Path:
         name = {
             "last": "last.pt",
             "best": "best.pt",
             "epoch": f"epoch-{epoch:04d}.pt",
             "manual": f"manual-step-{step:06d}.pt",
         }[kind]
-        path = save_atomic(state, self.dir / name)
+        return self.dir / name
+
+    def save(self, state: dict, kind: str, *, epoch: int = 0, step: int = 0) -> Path:
+        """Write ``state`` as ``kind`` (last, epoch, best, manual) and rotate epoch files."""
+        path = save_atomic(state, self.path_for(kind, epoch=epoch, step=step))
         if kind == "epoch":
             self._rotate()
         return path

@@ -9,10 +9,14 @@ error under ``data.kwargs``.
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import TensorDataset
+from functools import lru_cache
 
-__all__ = ["digits", "split", "synthetic_classification", "synthetic_regression"]
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+__all__ = ["count_classes", "digits", "split", "synthetic_classification", "synthetic_regression"]
+
+_SCAN_LIMIT = 50_000
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -57,13 +61,20 @@ def digits(val_fraction: float = 0.2, seed: int | None = 0, as_images: bool = Fa
     Pixels are scaled from 0–16 to 0–1. ``as_images``: samples are 1×8×8 (for ``cnn``), else 64
     flat features (for ``mlp``).
     """
+    x, y = _digits_tensors()
+    if as_images:
+        x = x.reshape(-1, 1, 8, 8)
+    return split(x, y, val_fraction, seed, num_classes=10)
+
+
+@lru_cache(maxsize=1)
+def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    # Importing scikit-learn costs ~1 s; later calls (tests, resumed runs) reuse the tensors,
+    # which no caller mutates (indexing in split() copies).
     from sklearn.datasets import load_digits  # ships the data inside the package
 
     x_np, y_np = load_digits(return_X_y=True)
-    x = torch.from_numpy(x_np).float() / 16.0
-    if as_images:
-        x = x.reshape(-1, 1, 8, 8)
-    return split(x, torch.from_numpy(y_np).long(), val_fraction, seed, num_classes=10)
+    return torch.from_numpy(x_np).float() / 16.0, torch.from_numpy(y_np).long()
 
 
 def synthetic_classification(
@@ -107,3 +118,32 @@ def synthetic_regression(
         y = y + 0.3 * x[:, 0] * x[:, 1]
     y = y + noise * torch.randn(n_samples, generator=g)
     return split(x, y.unsqueeze(1), val_fraction, seed)
+
+
+def count_classes(train: Dataset, val: Dataset) -> int | None:
+    """Outputs a classifier needs: a ``num_classes``/``classes`` attribute, else counted from the labels.
+
+    Float labels (one-hot, multi-label, binary) mean one output per column. None when unknown
+    (a dataset of an unknown type larger than ``_SCAN_LIMIT`` samples, read one by one).
+    """
+    for ds in (train, val):
+        if isinstance(getattr(ds, "num_classes", None), int):
+            return ds.num_classes
+        if isinstance(getattr(ds, "classes", None), (list, tuple)):
+            return len(ds.classes)
+    labels = []
+    for ds in (train, val):
+        if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2:
+            labels.append(ds.tensors[1])
+        elif isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
+            labels.append(ds.dataset.tensors[1][list(ds.indices)])
+        elif len(ds) <= _SCAN_LIMIT:
+            labels.append(torch.stack([torch.as_tensor(ds[i][1]) for i in range(len(ds))]) if len(ds) else None)
+        else:
+            return None
+    labels = [t for t in labels if t is not None and t.numel()]
+    if not labels:
+        return None
+    if labels[0].is_floating_point():  # one-hot / multi-label / binary targets: one output per column
+        return labels[0].shape[1] if labels[0].ndim == 2 else 1
+    return int(max(int(t.max()) for t in labels)) + 1

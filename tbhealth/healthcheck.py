@@ -16,16 +16,15 @@ import torch
 
 from tbhealth.health.alerts import AlertTracker, health_score
 from tbhealth.health.instruments import Instruments
-from tbhealth.health.rules import EpochMetrics, Observation, check
+from tbhealth.health.rules import EpochMetrics, Observation, check_all
 from tbhealth.health.settings import HealthConfig
 
 
 class HealthWatch:
     def __init__(self, settings: HealthConfig | dict | None, model: torch.nn.Module | None = None,
-                 state: dict | None = None, rank: int | None = None):
+                 state: dict | None = None):
         self.cfg = settings if isinstance(settings, HealthConfig) else HealthConfig.model_validate(settings or {})
         state = state or {}
-        self.rank = rank
         self.instruments = Instruments(model, self.cfg) if model is not None and self.cfg.enabled else None
         self.tracker = AlertTracker(open_alerts=state.get("open_alerts", ()))
         self.initial_loss: float | None = state.get("initial_loss")
@@ -34,10 +33,24 @@ class HealthWatch:
         self.grad_norms: deque[float] = deque(state.get("grad_norms", ()), maxlen=n)
         self._lock = threading.Lock()
         self._fired: set[str] = {a["id"] for a in state.get("open_alerts", ())}
+        self._first_loss: torch.Tensor | None = None  # the run's first step loss, on the device until read
 
     @property
     def armed(self) -> bool:
         return self.instruments is not None and self.instruments.armed
+
+    @property
+    def wants_first_loss(self) -> bool:
+        return self.initial_loss is None and self._first_loss is None
+
+    def note_first_loss(self, loss: torch.Tensor) -> None:
+        """Keep the first step's loss on the device (no sync) for the next logging step to read.
+
+        ``divergence`` compares with the *initial* loss. The first *logged* loss comes
+        ``log_every`` steps later, when a far too high learning rate has already blown it up
+        (SGD lr=50 on digits: 2.3 at step 1, 5e10 at step 5), and 10x that never fires.
+        """
+        self._first_loss = loss.detach().float().reshape(()).clone()
 
     # ------------------------------------------------------------------ training thread
 
@@ -46,49 +59,68 @@ class HealthWatch:
         if self.instruments is not None and next_step % self.cfg.every_steps == 0:
             self.instruments.arm()
 
-    def after_step(self, *, epoch: int, step: int) -> tuple[dict[str, float], list[dict]]:
-        """A sampled step just finished: read the instruments (one sync) and run the layer rules."""
+    def read_sample(self) -> dict:
+        """A sampled step just finished: read this process's instruments (one sync)."""
         inst = self.instruments
         inst.disarm()
         inst.capture_gradients()
-        r = inst.read()
+        return inst.read()
+
+    def evaluate_sample(self, *, epoch: int, step: int, samples: list[tuple[int | None, dict]]
+                        ) -> tuple[dict[str, float], list[dict]]:
+        """Layer rules over the readings of every rank (one entry without DDP)."""
+        first = samples[0][1]
         scalars: dict[str, float] = {}
         for key, tag in (("dead_fraction", "dead_units"), ("zero_fraction", "zero_activations"),
                          ("layer_grad_norms", "grad_norm")):
-            for layer, value in (r.get(key) or {}).items():
+            for layer, value in (first.get(key) or {}).items():
                 scalars[f"health/{tag}/{layer}"] = value
-        if r.get("global_grad_norm") is not None:
-            scalars["health/grad_norm/global"] = r["global_grad_norm"]
-        obs = Observation(
-            epoch=epoch, step=step, now=time.time(), layer_grad_norms=r.get("layer_grad_norms"),
-            dead_fraction=r.get("dead_fraction"), zero_fraction=r.get("zero_fraction"),
-            nonfinite=r.get("nonfinite") if r.get("nonfinite") == "gradients" else None, rank=self.rank,
-        )
-        return scalars, self._run(obs, epoch, step)
+        if first.get("global_grad_norm") is not None:
+            scalars["health/grad_norm/global"] = first["global_grad_norm"]
+        now = time.time()
+        observations = [
+            Observation(
+                epoch=epoch, step=step, now=now, dead_fraction=r.get("dead_fraction"),
+                zero_fraction=r.get("zero_fraction"),
+                # gradients are all-reduced under DDP: every rank holds the same, judge them once
+                layer_grad_norms=r.get("layer_grad_norms") if i == 0 else None,
+                nonfinite=r.get("nonfinite") if r.get("nonfinite") == "gradients" else None, rank=rank,
+            )
+            for i, (rank, r) in enumerate(samples)
+        ]
+        return scalars, self._run(observations, epoch, step)
 
-    def on_log_step(self, *, epoch: int, step: int, loss: float, loss_sum: float,
-                    grad_norm: float | None) -> tuple[dict[str, float], list[dict]]:
-        """A logging step: loss-based rules on values the monitor has just read back."""
-        nonfinite = None if math.isfinite(loss) and math.isfinite(loss_sum) else "loss"
-        if self.initial_loss is None and math.isfinite(loss):
-            self.initial_loss = loss
-        self.step_losses.append((step, loss))
-        history = list(self.grad_norms)
+    def on_log_step(self, *, epoch: int, step: int,
+                    readings: list[tuple[int | None, float, float, float | None]]) -> list[dict]:
+        """A logging step: loss rules on ``(rank, loss, epoch loss sum, grad norm)`` of each rank."""
+        if self.initial_loss is None and self._first_loss is not None:
+            first, self._first_loss = self._first_loss.item(), None  # already in sync: a logging step
+            self.initial_loss = first if math.isfinite(first) else None
+        history = tuple(self.step_losses)
+        norms = tuple(self.grad_norms)
+        observations = []
+        for i, (rank, loss, loss_sum, grad_norm) in enumerate(readings):
+            finite = math.isfinite(loss) and math.isfinite(loss_sum)
+            if self.initial_loss is None and math.isfinite(loss):
+                self.initial_loss = loss
+            observations.append(Observation(
+                epoch=epoch, step=step, now=time.time(), step_losses=history + ((step, loss),),
+                initial_loss=self.initial_loss, nonfinite=None if finite else "loss",
+                global_grad_norm=grad_norm if i == 0 else None, grad_norm_history=norms, rank=rank,
+            ))
+        losses = [r[1] for r in readings if math.isfinite(r[1])]
+        if losses:
+            self.step_losses.append((step, sum(losses) / len(losses)))
+        grad_norm = readings[0][3]
         if grad_norm is not None and math.isfinite(grad_norm):
             self.grad_norms.append(grad_norm)
-        obs = Observation(
-            epoch=epoch, step=step, now=time.time(), step_losses=tuple(self.step_losses),
-            initial_loss=self.initial_loss, nonfinite=nonfinite, global_grad_norm=grad_norm,
-            grad_norm_history=tuple(history), rank=self.rank,
-        )
-        return {}, self._run(obs, epoch, step)
+        return self._run(observations, epoch, step)
 
     def on_epoch(self, *, epoch: int, step: int, history: list[dict]) -> list[dict]:
         epochs = tuple(EpochMetrics(epoch=h["epoch"], train_loss=h.get("train_loss"), val_loss=h.get("val_loss"),
                                     train_acc=h.get("train_acc"), val_acc=h.get("val_acc"), lr=h.get("lr"))
                        for h in history)
-        obs = Observation(epoch=epoch, step=step, now=time.time(), epochs=epochs, rank=self.rank)
-        return self._run(obs, epoch, step)
+        return self._run([Observation(epoch=epoch, step=step, now=time.time(), epochs=epochs)], epoch, step)
 
     # ------------------------------------------------------------------ heartbeat thread
 
@@ -98,16 +130,17 @@ class HealthWatch:
         obs = Observation(
             epoch=progress.epoch, step=progress.global_step, now=time.time(), state=progress.state,
             gpu_memory_used=gpu.get("memory_used_bytes"), gpu_memory_total=gpu.get("memory_total_bytes"),
-            last_progress_time=progress.last_step_time, rank=self.rank,
+            last_progress_time=progress.last_step_time,
         )
-        return self._run(obs, progress.epoch, progress.global_step)
+        return self._run([obs], progress.epoch, progress.global_step)
 
     # ------------------------------------------------------------------ shared
 
-    def _run(self, obs: Observation, epoch: int, step: int) -> list[dict]:
-        findings, checked = check(obs, self.cfg)
+    def _run(self, observations: list[Observation], epoch: int, step: int) -> list[dict]:
+        findings, checked = check_all(observations, self.cfg)
         with self._lock:
-            events = self.tracker.update(findings, epoch=epoch, step=step, now=obs.now, checked=checked)
+            events = self.tracker.update(findings, epoch=epoch, step=step, now=observations[0].now,
+                                         checked=checked)
             for ev in events:  # "new": the first event of an episode, the one that triggers its action
                 ev["new"] = ev["id"] not in self._fired
                 self._fired.add(ev["id"])

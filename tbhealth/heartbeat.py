@@ -99,8 +99,10 @@ def build_status(p: Progress, *, system: dict | None, alerts_active: int, health
     now_m = time.monotonic() if now is None else now
     eta = None
     if p.state in ("training", "paused", "starting"):
+        in_epoch = p.epoch > p.epochs_done  # between two epochs, none of the next one is done yet
         eta = estimate_eta(p.epoch_durations, p.epochs_done, p.total_epochs,
-                           p.epoch_active_seconds(now_m), p.batch, p.batches_per_epoch)
+                           p.epoch_active_seconds(now_m) if in_epoch else 0.0, p.batch if in_epoch else 0,
+                           p.batches_per_epoch)
     elif p.state == "completed":
         eta = 0.0
     status = {

@@ -1,4 +1,5 @@
-"""Built-in models: a multilayer perceptron and a small CNN, sized for the built-in data.
+"""Built-in models (a multilayer perceptron and a small CNN, sized for the built-in data), and the
+module that wraps a plain loss function.
 
 Activations are modules (not ``torch.nn.functional`` calls) with names such as ``act1`` so the
 health engine's forward hooks see every activation and its messages name the layer. Bad
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import difflib
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "CNN", "MLP", "NORMS"]
+__all__ = ["ACTIVATIONS", "CNN", "FunctionLoss", "MLP", "NORMS"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU,
@@ -115,3 +116,17 @@ class CNN(nn.Module):
         if x.ndim == 3:
             x = x.unsqueeze(1)
         return self.head(self.features(x))
+
+
+class FunctionLoss(nn.Module):
+    """A loss function ``fn(prediction, target) -> tensor`` as a module, like torch.nn's losses."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.fn(prediction, target)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))

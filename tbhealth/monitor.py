@@ -33,6 +33,7 @@ import torch
 
 from tbhealth import runstate
 from tbhealth.control import ControlChannel
+from tbhealth.distributed import CONTROL_SYNC_EVERY, DistContext
 from tbhealth.events import EventWriter
 from tbhealth.heartbeat import Heartbeat, Progress, build_status
 from tbhealth.reporter import Reporter
@@ -60,7 +61,8 @@ class Monitor:
         health: the ``health:`` settings (dict or HealthConfig); ``False`` turns checks off.
         log_every: read values back and log per-step scalars every this many steps.
         resume_state: ``Monitor.state_dict()`` from a checkpoint, to continue a run.
-        rank, world_size: under torch.distributed only rank 0 writes anything.
+        dist: under torch.distributed (tbhealth.distributed.DistContext): rank 0 writes events,
+            status and checkpoints; every rank logs, is measured, and obeys control at the same step.
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None, checkpoint_fn: Callable[[str], Path] | None = None,
         health: Any = None, log_every: int = 20, resume_state: dict | None = None, verbose: bool = True,
         reporter: Reporter | None = None, handle_signals: bool = True, system_metrics: bool = True,
-        rank: int = 0, world_size: int = 1,
+        dist: DistContext | None = None,
     ):
         if run_dir is None:
             run_dir = runstate.unique_run_dir(logdir, name or time.strftime("run-%Y%m%d-%H%M%S"))
@@ -77,9 +79,12 @@ class Monitor:
         self.run_dir = self.run.path
         self.model, self.optimizer, self.checkpoint_fn = model, optimizer, checkpoint_fn
         self.log_every = max(1, int(log_every))
-        self.rank, self.world_size = rank, world_size
-        self.is_writer = rank == 0
-        self.progress = Progress(run=self.run_dir.name, total_epochs=total_epochs, world_size=world_size)
+        self.dist = dist
+        self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
+        self._rank_id = self.rank if dist else None  # how findings name the rank: not at all without DDP
+        self.is_writer = self.rank == 0
+        self._ranks: list[dict] = []
+        self.progress = Progress(run=self.run_dir.name, total_epochs=total_epochs, world_size=self.world_size)
         self.reporter = reporter or Reporter(enabled=verbose and self.is_writer)
         self._handle_signals = handle_signals
         self._want_system = system_metrics
@@ -157,6 +162,8 @@ class Monitor:
         p.message = message or self._stop_reason
         if p.state == "stopped" and p.interventions["stops"] == 0:
             p.interventions["stops"] += 1
+        if self.dist:  # every rank says where it ended: they must agree
+            self.log("INFO", f"rank {self.rank} {p.state} at step {p.global_step}", echo=False)
         self._finish()
 
     def fail(self, exc: BaseException) -> None:
@@ -164,11 +171,16 @@ class Monitor:
         if self._closed:
             return
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.log("ERROR", f"training failed: {type(exc).__name__}: {exc}\n{tb}", echo=False)
+        where = f"rank {self.rank}: " if self.dist else ""
+        self.log("ERROR", f"{where}training failed: {type(exc).__name__}: {exc}\n{tb}", echo=False)
         self.reporter.log("ERROR", f"training failed: {type(exc).__name__}: {exc}")
         self._closed = True
         self.progress.state = "failed"
-        self.progress.message = f"{type(exc).__name__}: {exc}"
+        self.progress.message = f"{where}{type(exc).__name__}: {exc}"
+        if self.dist and not self.is_writer:
+            self.run.record_rank_failure(self.rank, self.progress.message)
+        elif self.dist and (peers := self.run.rank_failures()):
+            self.progress.message = peers[0]["message"]  # the root cause, not this rank's broken pipe
         self._finish()
 
     def _finish(self) -> None:
@@ -226,20 +238,18 @@ class Monitor:
         if correct is not None:
             self._correct_sum = correct.detach() if self._correct_sum is None else self._correct_sum + correct.detach()
         health = self.health
+        if health is not None and health.wants_first_loss:  # divergence compares with step 1's loss
+            health.note_first_loss(loss)
         if health is not None and health.armed:
-            self._record_health(*health.after_step(epoch=p.epoch, step=p.global_step))
+            self._sample_health()
         if p.global_step % self.log_every == 0:
             self._log_step(loss, grad_norm)
         if health is not None:
             health.before_step(p.global_step + 1)
-        if self._control is not None:
-            requests = self._control.poll()
-            if requests:
-                self._apply_requests(requests)
-        if self._pending_actions:
-            self._run_pending_actions()
-        if self._signal_stop and not self._stop_reason:
-            self._begin_stop(f"received {self._signal_stop}")
+        if self.dist is None:
+            self._local_control()
+        elif p.global_step % CONTROL_SYNC_EVERY == 0:
+            self._sync_control()
         while self._paused and not self._stop_reason:
             self._wait_paused()
         self.reporter.step(p.batch, self._last_step_loss)
@@ -248,10 +258,9 @@ class Monitor:
                   train_loss: float | None = None, train_acc: float | None = None, **scalars: float) -> dict:
         """Report a finished epoch; train loss/accuracy default to the means of ``step()``'s values."""
         p = self.progress
-        if train_loss is None and self._loss_sum is not None and self._count:
-            train_loss = self._loss_sum.item() / self._count
-        if train_acc is None and self._correct_sum is not None and self._count:
-            train_acc = float(self._correct_sum.item()) / self._count
+        if train_loss is None and self._loss_sum is not None:
+            train_loss, acc = self._epoch_means()
+            train_acc = acc if train_acc is None else train_acc
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
         metrics = {"train_loss": _f(train_loss), "train_acc": _f(train_acc), "val_loss": _f(val_loss),
@@ -268,7 +277,7 @@ class Monitor:
         if self.writer:
             self.writer.scalars(p.epoch, values)
         self.reporter.epoch_finished(p.epoch, p.total_epochs, metrics, seconds)
-        if self.health is not None:
+        if self.health is not None and self.is_writer:
             self._emit_alerts(self.health.on_epoch(epoch=p.epoch, step=p.global_step, history=p.history))
         self.log("INFO", f"Epoch {p.epoch}/{p.total_epochs} done: " + _metrics_line(metrics), echo=False)
         self._poke()
@@ -283,9 +292,7 @@ class Monitor:
             self.progress.errors += 1
         if echo:
             self.reporter.log(level, message)
-        if not self.is_writer:
-            return
-        self.run.append_log(level, message, **({"rank": self.rank} if self.world_size > 1 else {}))
+        self.run.append_log(level, message, **({"rank": self.rank} if self.dist else {}))
         if self.writer:
             stamp = time.strftime("%H:%M:%S")
             self.writer.text(self.progress.global_step, "logs", f"`{stamp}` **{level}** {message}")
@@ -339,30 +346,80 @@ class Monitor:
         if grad_norm is not None:
             parts.append(grad_norm.detach().float().reshape(()).to(loss.device))
         values = torch.stack(parts).tolist()
-        step_loss, running = values[0], values[1]
-        gnorm = values[2] if len(values) > 2 else None
-        self._last_step_loss = step_loss
+        mine = (self._rank_id, values[0], values[1], values[2] if len(values) > 2 else None)
+        readings = self._gather(mine)
         p.last_step_time = time.time()
+        if not self.is_writer:
+            return
+        finite = [r[1] for r in readings if math.isfinite(r[1])]
+        step_loss = sum(finite) / len(finite) if finite else float("nan")
+        self._last_step_loss = step_loss
+        if self.dist:
+            self._ranks = [{"rank": r[0], "step": p.global_step, "loss": r[1]} for r in readings]
         scalars = {"step/loss": step_loss}
-        if gnorm is not None:
-            scalars["step/grad_norm"] = gnorm
+        if mine[3] is not None:
+            scalars["step/grad_norm"] = mine[3]
         if self.health is not None:
-            readings, events = self.health.on_log_step(
-                epoch=p.epoch, step=p.global_step, loss=step_loss, loss_sum=running, grad_norm=gnorm)
-            scalars.update(readings)
-            self._emit_alerts(events)
-        if self.writer:
-            self.writer.scalars(p.global_step, scalars)
+            self._emit_alerts(self.health.on_log_step(epoch=p.epoch, step=p.global_step, readings=readings))
+        self.writer.scalars(p.global_step, scalars)
+
+    def _sample_health(self) -> None:
+        p = self.progress
+        samples = self._gather((self._rank_id, self.health.read_sample()))
+        if self.is_writer:
+            self._record_health(*self.health.evaluate_sample(epoch=p.epoch, step=p.global_step, samples=samples))
+
+    def _gather(self, item: Any) -> list:
+        return [item] if self.dist is None else self.dist.all_gather(item)
+
+    def _epoch_means(self) -> tuple[float, float | None]:
+        """The epoch's mean train loss and accuracy (over all ranks under DDP): one read-back."""
+        correct = self._correct_sum if self._correct_sum is not None else torch.zeros((), device=self._loss_sum.device)
+        sums = torch.stack([self._loss_sum.double(), correct.double(),
+                            torch.tensor(float(self._count), dtype=torch.float64, device=self._loss_sum.device)])
+        if self.dist:
+            self.dist.all_reduce_sum(sums)
+        loss_sum, n_correct, count = sums.tolist()
+        count = max(count, 1.0)
+        return loss_sum / count, (n_correct / count if self._correct_sum is not None else None)
+
+    def _local_control(self) -> None:
+        requests = self._control.poll() if self._control is not None else []
+        if requests:
+            self._apply_requests(requests)
+        if self._pending_actions:
+            self._run_pending_actions()
+        if self._signal_stop and not self._stop_reason:
+            self._begin_stop(f"received {self._signal_stop}")
+
+    def _sync_control(self) -> None:
+        """Under DDP: rank 0's requests, every rank's signals and health actions, agreed by all.
+
+        Every rank calls this at the same steps, so each request is applied at the same step
+        everywhere; rank 0 alone acknowledges and writes the checkpoint.
+        """
+        mine = {"signal": self._signal_stop, "actions": self._pending_actions, "requests": []}
+        self._pending_actions = []
+        if self._control is not None:
+            mine["requests"] = [(r.id, r.command, r.source, r.time, r.error) for r in self._control.poll()]
+        everyone = self.dist.all_gather(mine)
+        requests = [runstate.ControlRequest(*r) for r in everyone[0]["requests"]]
+        if requests:
+            self._apply_requests(requests)
+        self._pending_actions = [a for e in everyone for a in e["actions"]]
+        if self._pending_actions:
+            self._run_pending_actions()
+        signalled = next((e["signal"] for e in everyone if e["signal"]), None)
+        if signalled and not self._stop_reason:
+            self._begin_stop(f"received {signalled}")
 
     def _apply_requests(self, requests: list) -> None:
         for req in requests:
-            if req.error:
-                self._control.ack(req, False, req.error)
-                self.log("WARNING", f"rejected control request {req.id}: {req.error}")
+            ok, detail, extra = (False, req.error, {}) if req.error else self._apply(req.command)
+            if self._control is None:  # another rank: rank 0 acknowledges and logs
                 continue
-            ok, detail, extra = self._apply(req.command)
             self._control.ack(req, ok, detail, **extra)
-            self.log("INFO" if ok else "WARNING", f"control {req.command} ({req.source or 'unknown'}): {detail}")
+            self.log("INFO" if ok else "WARNING", f"control {req.command or '?'} ({req.source or 'unknown'}): {detail}")
             if self.writer:
                 self.writer.text(self.progress.global_step, "control", f"**{req.command}** → {'done' if ok else 'rejected'}: {detail}")
 
@@ -404,13 +461,15 @@ class Monitor:
         if self._stop_reason:
             return None
         p = self.progress
+        if self._paused:
+            self._set_paused(False)
         p.state = "stopping"
         self._poke()
         path = self._checkpoint("stop")
         self._stop_reason = reason
-        self._paused = False
         p.interventions["stops"] += 1
-        self.log("WARNING", f"stopping: {reason}" + (f"; checkpoint {path}" if path else ""))
+        if self.is_writer:
+            self.log("WARNING", f"stopping: {reason}" + (f"; checkpoint {path}" if path else ""))
         return path
 
     def _set_paused(self, paused: bool) -> None:
@@ -430,12 +489,10 @@ class Monitor:
 
     def _wait_paused(self) -> None:
         time.sleep(0.05)
-        requests = self._control.poll() if self._control else []
-        if requests:
-            self._apply_requests(requests)
-        if self._signal_stop and not self._stop_reason:
-            self._set_paused(False)
-            self._begin_stop(f"received {self._signal_stop}")
+        if self.dist is None:
+            self._local_control()
+        else:
+            self._sync_control()
 
     def _emit_alerts(self, events: list[dict]) -> None:
         for alert in events:
@@ -463,7 +520,8 @@ class Monitor:
                 self._begin_stop(f"health rule {rule}: action stop")
             elif action == "pause" and not self._paused and not self._stop_reason:
                 self._set_paused(True)
-                self.log("WARNING", f"paused by health rule {rule}; resume with `tbhealth resume {self.run_dir}`")
+                if self.is_writer:
+                    self.log("WARNING", f"paused by health rule {rule}; resume with `tbhealth resume {self.run_dir}`")
 
     def _record_health(self, scalars: dict, events: list[dict]) -> None:
         if scalars and self.writer:
@@ -499,8 +557,12 @@ class Monitor:
             self.progress, system=self.system.latest() if self.system else None,
             alerts_active=health.active_count() if health is not None else 0,
             health_score=health.score(self.progress.warnings, self.progress.errors) if health is not None else 100,
-            extra={"run_dir": str(self.run_dir)},
+            extra={"run_dir": str(self.run_dir), **({"ranks": self._ranks} if self._ranks else {})},
         )
+        if self.dist and status["state"] not in runstate.FINAL_STATES:
+            failures = self.run.rank_failures()
+            if failures:  # a peer crashed while this rank may be blocked in a collective
+                status["state"], status["message"] = "failed", failures[0]["message"]
         with self._lock:
             self.run.write_status(status)
 

@@ -31,9 +31,11 @@ from typing import Any, Callable
 
 import torch
 from torch.optim import lr_scheduler
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 
 from tbhealth.config import Config, ConfigError, Problem, did_you_mean
+from tbhealth.data import count_classes
+from tbhealth.models import FunctionLoss
 
 __all__ = [
     "DATA_BUILTINS", "MODEL_BUILTINS", "DataBundle", "FunctionLoss", "build_data", "build_loss", "build_model",
@@ -48,7 +50,6 @@ DATA_BUILTINS = {
 }
 MODEL_BUILTINS = {"mlp": "tbhealth.models:MLP", "cnn": "tbhealth.models:CNN"}
 _MODEL_INFERRED = ("input_shape", "in_features", "in_channels", "out_features", "num_classes")
-_SCAN_LIMIT = 50_000  # labels read one by one to count classes of an unknown Dataset type
 
 
 @dataclass
@@ -313,7 +314,6 @@ def _checked_call(fn: Callable, kwargs: dict, key: str, label: str) -> Any:
 
 def build_data(cfg: Config) -> DataBundle:
     """Call the data factory and describe what it returned (shapes, number of classes)."""
-
     factory = data_factory(cfg.data.source)
     params = _params(factory) or {}
     kwargs = dict(cfg.data.kwargs)
@@ -332,38 +332,12 @@ def build_data(cfg: Config) -> DataBundle:
         raise ConfigError(Problem("data.source", "each sample must be an (input, target) pair"))
     x, y = (torch.as_tensor(v) for v in sample)
     task = cfg.resolved_task
-    num_classes = _num_classes(train, val) if task == "classification" else None
+    num_classes = count_classes(train, val) if task == "classification" else None
     return DataBundle(train, val, tuple(x.shape), num_classes, task, tuple(y.shape))
-
-
-def _num_classes(train: Any, val: Any) -> int | None:
-
-    for ds in (train, val):
-        if isinstance(getattr(ds, "num_classes", None), int):
-            return ds.num_classes
-        if isinstance(getattr(ds, "classes", None), (list, tuple)):
-            return len(ds.classes)
-    labels = []
-    for ds in (train, val):
-        if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2:
-            labels.append(ds.tensors[1])
-        elif isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
-            labels.append(ds.dataset.tensors[1][list(ds.indices)])
-        elif len(ds) <= _SCAN_LIMIT:
-            labels.append(torch.stack([torch.as_tensor(ds[i][1]) for i in range(len(ds))]) if len(ds) else None)
-        else:
-            return None
-    labels = [t for t in labels if t is not None and t.numel()]
-    if not labels:
-        return None
-    if labels[0].is_floating_point():  # one-hot / multi-label / binary targets: one output per column
-        return labels[0].shape[1] if labels[0].ndim == 2 else 1
-    return int(max(int(t.max()) for t in labels)) + 1
 
 
 def build_model(cfg: Config, bundle: DataBundle) -> torch.nn.Module:
     """Call the model factory; sizes it asks for and ``kwargs`` lacks come from ``bundle``."""
-
     source = cfg.model.source
     factory = model_factory(source)
     params = _params(factory) or {}
@@ -372,10 +346,10 @@ def build_model(cfg: Config, bundle: DataBundle) -> torch.nn.Module:
     inferred = {"input_shape": bundle.input_shape, "in_features": math.prod(bundle.input_shape),
                 "in_channels": bundle.input_shape[0] if bundle.input_shape else None,
                 "out_features": out, "num_classes": bundle.num_classes}
-    if "out_features" in params or "num_classes" in kwargs:
-        inferred.pop("num_classes" if "out_features" in params else "out_features")
+    if "out_features" in params:
+        inferred.pop("num_classes")  # one output size, under the name the factory prefers
     if "num_classes" in kwargs:
-        inferred.pop("out_features", None)
+        inferred.pop("out_features")
     for name, value in inferred.items():
         if name in params and name not in kwargs:
             if name == "in_channels" and len(bundle.input_shape) < 2:
@@ -394,27 +368,12 @@ def build_model(cfg: Config, bundle: DataBundle) -> torch.nn.Module:
 
 def build_loss(cfg: Config) -> torch.nn.Module:
     """The loss as a module: a torch.nn class is instantiated, a plain function is wrapped."""
-
     obj = loss_object(cfg.loss)
     if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
         return _call(obj, {}, "loss", cfg.loss)
     if isinstance(obj, torch.nn.Module):
         return obj
     return FunctionLoss(obj)
-
-
-class FunctionLoss(torch.nn.Module):
-    """A loss function ``fn(prediction, target) -> tensor`` as a module (what the trainer calls)."""
-
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.fn(prediction, target)
-
-    def extra_repr(self) -> str:
-        return getattr(self.fn, "__qualname__", repr(self.fn))
 
 
 def build_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:

@@ -248,6 +248,7 @@ class RunDir:
         self.alerts_path = self.state_dir / "alerts.jsonl"
         self.control_path = self.state_dir / "control.jsonl"
         self.acks_path = self.state_dir / "acks.jsonl"
+        self.rank_failures_path = self.state_dir / "rank_failures.jsonl"
         self.config_path = self.path / CONFIG_FILE
         self.checkpoint_dir = self.path / CHECKPOINT_SUBDIR
 
@@ -345,6 +346,18 @@ class RunDir:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(poll)
+
+    # -- distributed ----------------------------------------------------------------------------
+
+    def record_rank_failure(self, rank: int, message: str) -> None:
+        """A rank other than 0 crashed: rank 0's heartbeat must report ``failed`` with this."""
+        append_record(self.rank_failures_path, {"rank": rank, "message": message, "time": time.time()})
+
+    def rank_failures(self) -> list[dict]:
+        if not file_size(self.rank_failures_path):  # the common case costs one stat
+            return []
+        records, _ = read_records(self.rank_failures_path)
+        return [r for r in records if "rank" in r]
 
     # -- checkpoints --------------------------------------------------------------------------
 

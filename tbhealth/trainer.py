@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from tbhealth import checkpoint as ckpt
 from tbhealth import registry
 from tbhealth.config import Config, dump_config
+from tbhealth.distributed import DistContext
 from tbhealth.monitor import Monitor
 from tbhealth.runstate import RunDir
 
@@ -38,11 +39,11 @@ class EpochOrder(Sampler[int]):
 
     def _indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = torch.randperm(self.n, generator=g).tolist()[self.skip:]  # skip: samples done, all ranks
         if self.world_size > 1:  # pad to a multiple of world size, then stride, like DistributedSampler
-            total = -(-self.n // self.world_size) * self.world_size
-            order = (order + order[: total - self.n])[self.rank:total:self.world_size]
-        return order[self.skip:]
+            total = -(-len(order) // self.world_size) * self.world_size
+            order = (order + order[: total - len(order)])[self.rank:total:self.world_size]
+        return order
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -65,11 +66,14 @@ def pick_device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, verbose: bool = True,
-                 rank: int = 0, world_size: int = 1, device: torch.device | None = None):
-        self.cfg, self.run, self.rank, self.world_size = cfg, RunDir(run_dir), rank, world_size
+                 dist: DistContext | None = None):
+        self.cfg, self.run, self.dist = cfg, RunDir(run_dir), dist
+        self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
         self.seed = cfg.seed if cfg.seed is not None else int(torch.initial_seed() % 2**31)
+        if dist is not None:  # every rank must shuffle alike: rank 0's seed wins
+            self.seed = dist.broadcast(self.seed)
         seed_everything(self.seed)
-        self.device = device or pick_device(cfg.device)
+        self.device = dist.device if dist else pick_device(cfg.device)
         self.bundle = registry.build_data(cfg)
         self.classification = self.bundle.task == "classification"
         self.model = registry.build_model(cfg, self.bundle).to(self.device)
@@ -84,13 +88,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.ckpts = ckpt.CheckpointManager(self.run, keep_last=cfg.checkpoint.keep_last)
         self.best: float | None = None
+        self._skip = 0  # samples of the first epoch already trained before a mid-epoch resume
         resume_state = self._restore() if resume else None
         if self.rank == 0:
             self.run.config_path.write_text(dump_config(cfg))
         self.monitor = Monitor(
             run_dir=self.run.path, total_epochs=cfg.epochs, model=self.model, optimizer=self.optimizer,
             checkpoint_fn=self.save_checkpoint, health=cfg.health, log_every=cfg.logging.every_steps,
-            resume_state=resume_state, verbose=verbose, rank=rank, world_size=world_size,
+            resume_state=resume_state, verbose=verbose, dist=dist,
         )
         self._resumed_from = resume_state
 
@@ -114,7 +119,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> None:
         mon, cfg = self.monitor, self.cfg
         self.net.train()
-        skip = mon.progress.batch * self.batch_size * cfg.accumulate_steps
+        skip, self._skip = self._skip, 0
         loader = self._loader(self.bundle.train, EpochOrder(len(self.bundle.train), self.seed, epoch, skip,
                                                             self.rank, self.world_size))
         accum, micro, loss_acc, correct_acc, n_acc = cfg.accumulate_steps, 0, None, None, 0
@@ -198,15 +203,26 @@ class Trainer:
     def save_checkpoint(self, kind: str) -> Path:
         """Called at a step boundary by the monitor (manual, stop) or by the trainer (last, epoch, best)."""
         p = self.monitor.progress
+        kind = "last" if kind == "stop" else kind
+        path = self.ckpts.path_for(kind, epoch=p.epochs_done, step=p.global_step)
+        if self.rank != 0:  # rank 0 writes; the others hold identical weights
+            return path
         state = {
             "format": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "epoch": p.epochs_done, "batch": p.batch,
+            "samples_done": self._samples_done(), "world_size": self.world_size,
             "global_step": p.global_step, "rng": ckpt.rng_state(), "config": self.cfg.model_dump(mode="json"),
             "monitor": self.monitor.state_dict(), "best": self.best, "seed": self.seed,
         }
-        kind = "last" if kind == "stop" else kind
         return self.ckpts.save(state, kind, epoch=p.epochs_done, step=p.global_step)
+
+    def _samples_done(self) -> int:
+        """Training samples of the current epoch already seen, over all ranks (for a resume)."""
+        p = self.monitor.progress
+        if p.epoch <= p.epochs_done:
+            return 0
+        return min(p.batch * self.batch_size * self.cfg.accumulate_steps * self.world_size, len(self.bundle.train))
 
     def _epoch_checkpoints(self, epoch: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -235,7 +251,11 @@ class Trainer:
         ckpt.restore_rng_state(state["rng"])
         self.best = state.get("best")
         self.seed = state.get("seed", self.seed)
-        return state["monitor"]
+        monitor = dict(state["monitor"])
+        self._skip = state.get("samples_done", 0)
+        # a different world size after resume: progress is counted in this job's steps
+        monitor["batch"] = self._skip // (self.batch_size * self.cfg.accumulate_steps * self.world_size)
+        return monitor
 
     # ------------------------------------------------------------------ helpers
 
@@ -250,7 +270,12 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters())
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+        if self.dist is None:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
+        return self.dist.all_reduce_sum(t) if self.dist else t
