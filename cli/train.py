@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,6 +27,8 @@ def train(
     node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank for a static multi-node launch.")] = 0,
     rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous for multi-node runs.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
+    board: Annotated[bool, typer.Option("--board", help="Also serve TensorBoard (Health tab) on --port during training, and after it until Ctrl-C.")] = False,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port for --board.")] = 6006,
 ) -> None:
     """Train a PyTorch model from a YAML config, with live health monitoring.
 
@@ -35,6 +38,8 @@ def train(
     Examples:
 
       [bold]tbhealth train examples/digits.yaml[/]
+
+      [bold]tbhealth train examples/digits.yaml --board[/]   (open http://localhost:6006/#tbhealth)
 
       [bold]tbhealth train examples/digits.yaml --name lr-test --set optimizer.lr=0.01 --set epochs=30[/]
 
@@ -57,7 +62,15 @@ def train(
 
         raise typer.Exit(launch(config, overrides, logdir, name, resume, quiet, nproc_per_node=nproc_per_node,
                                 nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint))
-    code = run_training(cfg, config, logdir, name, resume, quiet)
+    tensorboard = start_board(Path(logdir or cfg.logdir or "runs"), port) if board else None
+    try:
+        code = run_training(cfg, config, logdir, name, resume, quiet)
+    except BaseException:
+        if tensorboard is not None:
+            stop_board(tensorboard)
+        raise
+    if tensorboard is not None:
+        serve_until_interrupted(tensorboard, port)
     from tbhealth import distributed
 
     if distributed.launched_by_torchrun():
@@ -137,3 +150,38 @@ def print_summary(trainer, state: str, logdir: Path) -> None:
 def _discard(run_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def start_board(logdir: Path, port: int) -> subprocess.Popen:
+    """TensorBoard beside the training, in its own session so the training's Ctrl-C stays ours."""
+    from tbhealth_cli.board import board_args, board_url
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(board_args(logdir, port), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    console.print(f"TensorBoard with the Health tab: {board_url(port)}", markup=False, soft_wrap=True)
+    return proc
+
+
+def serve_until_interrupted(proc: subprocess.Popen, port: int) -> None:
+    from tbhealth_cli.board import board_url
+
+    if proc.poll() is not None:
+        err_console.print(f"TensorBoard exited early ({proc.returncode}): {proc.stderr.read()[-800:]}", markup=False)
+        return
+    console.print(f"Still serving {board_url(port)} — press Ctrl-C to quit.", markup=False, soft_wrap=True)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_board(proc)
+
+
+def stop_board(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
