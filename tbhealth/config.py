@@ -13,6 +13,7 @@ config that loads is a config that can be built. Importing this module does not 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import types
@@ -26,11 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tbhealth.health.settings import HealthConfig
 
-__all__ = [
-    "CLASSIFICATION_LOSSES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig",
-    "ModelConfig", "OptimizerConfig", "Problem", "SchedulerConfig", "apply_overrides", "config_from_dict",
-    "did_you_mean", "dump_config", "load_config",
-]
+__all__ = ["CLASSIFICATION_LOSSES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig",
+           "ModelConfig", "OptimizerConfig", "Problem", "SchedulerConfig", "apply_overrides", "config_from_dict",
+           "did_you_mean", "dump_config", "load_config"]
 
 #: Losses (torch.nn class names or the last part of an import path) that make ``task: auto``
 #: mean classification; anything else is regression unless ``task`` says otherwise.
@@ -43,8 +42,6 @@ CLASSIFICATION_LOSSES = frozenset({
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
-
-# --------------------------------------------------------------------------- errors
 
 
 @dataclass(frozen=True)
@@ -70,17 +67,9 @@ class ConfigError(Exception):
             problems = [problems]
         self.problems: list[Problem] = list(problems)
         self.source = source
-        super().__init__(self._render())
-
-    def _render(self) -> str:
         n = len(self.problems)
-        what = f"config {self.source}" if self.source else "config"
-        lines = [f"Invalid {what} ({n} problem{'s' if n != 1 else ''}):"]
-        lines += [f"  {p}" for p in self.problems]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._render()
+        head = f"Invalid config{f' {source}' if source else ''} ({n} problem{'s' if n != 1 else ''}):"
+        super().__init__("\n  ".join([head, *map(str, self.problems)]))
 
 
 def did_you_mean(value: Any, allowed: Sequence[str]) -> str:
@@ -90,8 +79,6 @@ def did_you_mean(value: Any, allowed: Sequence[str]) -> str:
     close = exact or difflib.get_close_matches(text, list(allowed), n=2, cutoff=0.6)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
-
-# --------------------------------------------------------------------------- the sections
 
 
 class _Section(BaseModel):
@@ -115,9 +102,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     source: str = Field("mlp", description="Built-in model name or import path 'package.module:function'.")
-    kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments for the model factory (built-ins infer sizes)."
-    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory.")
 
 
 class OptimizerConfig(_Section):
@@ -130,8 +115,7 @@ class SchedulerConfig(_Section):
     name: str | None = Field(None, description="torch.optim.lr_scheduler class name, import path, or null (none).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Scheduler arguments (not the optimizer).")
     monitor: Literal["val_loss", "val_acc", "train_loss", "train_acc"] = Field(
-        "val_loss", description="Metric ReduceLROnPlateau watches (an epoch mean)."
-    )
+        "val_loss", description="Epoch metric ReduceLROnPlateau watches.")
     interval: Literal["epoch", "step"] = Field("epoch", description="Step the scheduler once per epoch or per optimizer step.")
 
 
@@ -156,8 +140,7 @@ class Config(_Section):
     epochs: int = Field(10, ge=1, description="Passes over the training data (epochs).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available).")
     task: Literal["auto", "classification", "regression"] = Field(
-        "auto", description="auto: classification for class losses (CrossEntropyLoss...), else regression."
-    )
+        "auto", description="auto: classification for class losses (CrossEntropyLoss...), else regression.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the samples come from.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="What is trained.")
     loss: str = Field("CrossEntropyLoss", description="torch.nn loss class name or import path 'pkg.mod:fn'.")
@@ -201,18 +184,13 @@ class Config(_Section):
         return "classification" if last in CLASSIFICATION_LOSSES else "regression"
 
 
-# --------------------------------------------------------------------------- YAML
-
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 def _parse_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, str]]:
@@ -240,23 +218,21 @@ def _parse_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, str]]:
 
 
 def _index_nodes(node: yaml.Node, path: tuple, filename: str, out: dict[tuple, str]) -> None:
+    """Record where each key (and list item) starts; refuse duplicate keys, which YAML would drop silently."""
     if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            k = key.value if isinstance(key, yaml.ScalarNode) else str(key)
-            where = f"{filename}:{key.start_mark.line + 1}:{key.start_mark.column + 1}"
-            if k in seen:
-                raise ConfigError(Problem(_dotted(path + (k,)), f"duplicate key (first at line {seen[k]})", where))
-            seen[k] = key.start_mark.line + 1
-            out[path + (k,)] = where
-            _index_nodes(value, path + (k,), filename, out)
+        items = [(k.value if isinstance(k, yaml.ScalarNode) else str(k), k, v) for k, v in node.value]
     elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[path + (i,)] = f"{filename}:{item.start_mark.line + 1}:{item.start_mark.column + 1}"
-            _index_nodes(item, path + (i,), filename, out)
+        items = [(i, v, v) for i, v in enumerate(node.value)]
+    else:
+        return
+    for k, at, value in items:
+        where = f"{filename}:{at.start_mark.line + 1}:{at.start_mark.column + 1}"
+        if path + (k,) in out:
+            first = out[path + (k,)].split(":")[-2]
+            raise ConfigError(Problem(_dotted(path + (k,)), f"duplicate key (first at line {first})", where))
+        out[path + (k,)] = where
+        _index_nodes(value, path + (k,), filename, out)
 
-
-# --------------------------------------------------------------------------- overrides
 
 
 def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
@@ -281,37 +257,41 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _check_override_path(parts: tuple[str, ...], text: str) -> None:
-    """Refuse a path the schema has no place for; ``kwargs`` (and other free dicts) take any key."""
+def _schema_at(parts: Sequence[Any], text: str | None = None) -> Any:
+    """The annotation at ``parts`` below Config; ``kwargs`` (any free dict) takes any key.
+
+    An unknown key gives None, or with ``text`` (the ``--set`` being checked) a ConfigError.
+    """
     annotation: Any = Config
     for i, part in enumerate(parts):
         model = _model_of(annotation)
-        if model is None:
-            if typing.get_origin(annotation) is dict or annotation in (dict, Any):
-                args = typing.get_args(annotation)
-                annotation = args[1] if len(args) == 2 else Any
-                continue
-            raise ConfigError(Problem(
-                _dotted(parts[:i]), f"is a single value, it has no key {part!r}", f"--set {text}"
-            ))
-        fields = model.model_fields
-        if part not in fields:
-            where = _dotted(parts[:i]) or "the top level"
-            raise ConfigError(Problem(
-                _dotted(parts[: i + 1]),
-                f"unknown key {part!r} under {where}.{did_you_mean(part, list(fields))}"
-                f" Allowed: {', '.join(fields)}",
-                f"--set {text}",
-            ))
-        annotation = fields[part].annotation
+        if model is None and (typing.get_origin(annotation) is dict or annotation in (dict, Any)):
+            args = typing.get_args(annotation)
+            annotation = args[1] if len(args) == 2 else Any
+        elif model is not None and part in model.model_fields:
+            annotation = model.model_fields[part].annotation
+        elif text is None:
+            return None
+        elif model is None:
+            raise ConfigError(Problem(_dotted(parts[:i]), f"is a single value, it has no key {part!r}", f"--set {text}"))
+        else:
+            raise ConfigError(Problem(_dotted(parts[: i + 1]), _unknown_key(parts[:i], part), f"--set {text}"))
+    return annotation
+
+
+def _unknown_key(parent: Sequence[Any], key: Any) -> str:
+    model = _model_of(_schema_at(parent))
+    allowed = list(model.model_fields) if model else []
+    return (f"unknown key {key!r} under {_dotted(parent) or 'the top level'}.{did_you_mean(key, allowed)}"
+            f" Allowed: {', '.join(allowed)}")
 
 
 def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
     """A copy of ``d`` with each ``key.path=value`` set (value parsed as YAML: 3, 1e-3, [1, 2], null)."""
-    out = _deep_copy(d)
+    out = copy.deepcopy(d)
     for text in overrides:
         parts, value = _parse_override(text)
-        _check_override_path(parts, text)
+        _schema_at(parts, text)
         node = out
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
@@ -321,20 +301,18 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
     return out
 
 
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
-
-
-# --------------------------------------------------------------------------- loading
-
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override and fully check a YAML config (see the module doc for the precedence)."""
-    p = Path(path)
+    try:
+        return _load(Path(path), overrides)
+    except ConfigError as e:
+        if e.source:
+            raise
+        raise ConfigError(e.problems, source=str(path)) from None
+
+
+def _load(p: Path, overrides: Sequence[str]) -> Config:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -343,20 +321,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(Problem("", f"{str(p)!r} is a directory; give a YAML file")) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(Problem("", f"cannot read {str(p)!r}: {e}")) from None
-    try:
-        data, positions = _parse_yaml(text, str(p))
-    except ConfigError as e:
-        raise ConfigError(e.problems, source=str(p)) from None
+    data, positions = _parse_yaml(text, str(p))
     if data is None:
         data = {}  # an empty file means "all defaults"
     if not isinstance(data, dict):
-        raise ConfigError(Problem(
-            "", f"the top level must be a mapping of keys ({', '.join(Config.model_fields)}), "
-            f"got a {type(data).__name__}", f"{p}:1:1"), source=str(p))
-    try:
-        data = apply_overrides(data, overrides)
-    except ConfigError as e:
-        raise ConfigError(e.problems, source=str(p)) from None
+        raise ConfigError(Problem("", f"the top level must be a mapping of keys ({', '.join(Config.model_fields)}), "
+                                      f"got a {type(data).__name__}", f"{p}:1:1"))
+    data = apply_overrides(data, overrides)
     for text_ in overrides:
         parts = tuple(s.strip() for s in text_.partition("=")[0].split("."))
         for key in [k for k in positions if k[: len(parts)] == parts]:
@@ -391,8 +362,6 @@ def dump_config(cfg: Config) -> str:
     return f"# tbhealth config as resolved (defaults < file < --set); task resolves to {cfg.resolved_task}\n{body}"
 
 
-# --------------------------------------------------------------------------- error text
-
 
 def _dotted(loc: Sequence[Any]) -> str:
     out = ""
@@ -401,36 +370,18 @@ def _dotted(loc: Sequence[Any]) -> str:
     return out
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _problem_from_pydantic(err: dict) -> Problem:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     kind, msg, value = err["type"], err["msg"], err.get("input")
     if kind == "extra_forbidden":
-        allowed = list(_fields_at(loc[:-1]))
-        where = _dotted(loc[:-1]) or "the top level"
-        return Problem(_dotted(loc), f"unknown key {loc[-1]!r} under {where}.{did_you_mean(loc[-1], allowed)}"
-                       f" Allowed: {', '.join(allowed)}")
+        return Problem(_dotted(loc), _unknown_key(loc[:-1], loc[-1]))
     msg = msg.removeprefix("Value error, ").replace("Input should be", "must be")
     if kind == "missing":
         return Problem(_dotted(loc), "required key is missing")
     if not isinstance(value, (dict, list)):
-        msg += f" (got {_show(value)})"
+        shown = repr(value)
+        msg += f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return Problem(_dotted(loc), msg)
-
-
-def _fields_at(loc: Sequence[Any]) -> dict:
-    model: Any = Config
-    for part in loc:
-        field = _model_of(model).model_fields.get(part) if _model_of(model) else None
-        if field is None:
-            return {}
-        model = field.annotation
-    m = _model_of(model)
-    return m.model_fields if m else {}
 
 
 def _locate(problems: list[Problem], positions: dict[tuple, str]) -> list[Problem]:
@@ -441,7 +392,7 @@ def _locate(problems: list[Problem], positions: dict[tuple, str]) -> list[Proble
         where, path = p.where, p.path
         while not where and path:
             where = by_dotted.get(path, "")
-            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if path[-1] == "]" or "." in path else ""
+            path = re.sub(r"(^|\.)[^.\[\]]*$|\[\d+\]$", "", path)  # one level up
         out.append(Problem(p.path, p.message, where))
     return sorted(out, key=_line_of)
 

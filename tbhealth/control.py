@@ -36,10 +36,10 @@ class ControlChannel:
             self.run.acknowledge(r.id, "rejected", "the run was not live when this request was sent")
         return len(stale)
 
-    def poll(self, now: float | None = None) -> list[ControlRequest]:
+    def poll(self, now: float | None = None, force: bool = False) -> list[ControlRequest]:
         """New requests since the last poll, oldest first; [] when not yet time to look."""
         now = time.monotonic() if now is None else now
-        if now < self._next_poll:
+        if now < self._next_poll and not force:
             return []
         self._next_poll = now + self.interval
         size = self.run.control_size()

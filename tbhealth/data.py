@@ -4,7 +4,8 @@ Each function returns ``(train, val)`` ``TensorDataset``s split deterministicall
 (``None``: a fresh random seed), so two runs with one seed see the same samples in the same
 split. Classification sets carry ``num_classes`` so the model's output size needs no label scan.
 Bad arguments raise ``ValueError`` naming the argument; the registry turns that into a config
-error under ``data.kwargs``.
+error under ``data.kwargs``. :func:`count_classes` tells the registry how many outputs any
+classification dataset needs.
 """
 
 from __future__ import annotations

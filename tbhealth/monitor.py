@@ -205,6 +205,13 @@ class Monitor:
         """Epoch numbers (1-based) still to train; ends early when a stop was requested."""
         first = self.progress.epochs_done + 1
         for epoch in range(first, self.progress.total_epochs + 1):
+            if epoch > first and self.dist is None and self._control is not None:
+                # requests that arrived during validation and checkpoints apply at this boundary
+                requests = self._control.poll(force=True)
+                if requests:
+                    self._apply_requests(requests)
+                while self._paused and not self._stop_reason:
+                    self._wait_paused()
             if self.should_stop:
                 return
             resume_batch = self.progress.batch if epoch == first else 0

@@ -64,8 +64,6 @@ class DataBundle:
     target_shape: tuple[int, ...] = ()
 
 
-# --------------------------------------------------------------------------- names
-
 
 def import_object(path: str, key: str) -> Any:
     """``package.module:attr.sub`` -> the object; the working directory is importable too."""
@@ -142,39 +140,32 @@ def loss_names() -> list[str]:
     return _subclasses(torch.nn, torch.nn.modules.loss._Loss)
 
 
-def _named_class(name: str, key: str, names: list[str], module: Any, bases: tuple[type, ...], what: str) -> type:
+def _named(name: str, key: str, names: list[str], module: Any, what: str, bases: tuple[type, ...] = ()) -> Any:
+    """A class named in ``module`` or an import path (to a subclass of ``bases`` when given)."""
     if ":" in name:
-        cls = import_object(name, key)
-        if not (isinstance(cls, type) and issubclass(cls, bases)):
+        obj = _callable(name, key)
+        if bases and not (isinstance(obj, type) and issubclass(obj, bases)):
             raise ConfigError(Problem(key, f"{name!r} is not a {bases[0].__module__}.{bases[0].__name__} subclass"))
-        return cls
+        return obj
     if name not in names:
         raise ConfigError(Problem(key, f"unknown {what} {name!r}.{did_you_mean(name, names)} Allowed: {', '.join(names)}"
-                                       "; or an import path 'package.module:Class'"))
+                                       "; or an import path 'package.module:name'"))
     return getattr(module, name)
 
 
 def optimizer_class(name: str) -> type:
-    return _named_class(name, "optimizer.name", optimizer_names(), torch.optim, (torch.optim.Optimizer,), "optimizer")
+    return _named(name, "optimizer.name", optimizer_names(), torch.optim, "optimizer", (torch.optim.Optimizer,))
 
 
 def scheduler_class(name: str) -> type:
-    return _named_class(name, "scheduler.name", scheduler_names(), lr_scheduler,
-                        (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau), "scheduler")
+    return _named(name, "scheduler.name", scheduler_names(), lr_scheduler, "scheduler",
+                  (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau))
 
 
 def loss_object(name: str) -> Any:
-    """A torch.nn loss class, or whatever callable the import path names."""
-    if ":" in name:
-        return _callable(name, "loss")
-    names = loss_names()
-    if name not in names:
-        raise ConfigError(Problem("loss", f"unknown loss {name!r}.{did_you_mean(name, names)} Allowed: {', '.join(names)}"
-                                          "; or an import path 'package.module:function'"))
-    return getattr(torch.nn, name)
+    """A torch.nn loss class, or whatever callable the import path names (class or function)."""
+    return _named(name, "loss", loss_names(), torch.nn, "loss")
 
-
-# --------------------------------------------------------------------------- checks
 
 
 def check_names(d: dict) -> list[Problem]:
@@ -212,8 +203,8 @@ def _factory_problems(cfg: Config) -> list[Problem]:
     problems += _kwargs_problems(model_fn, cfg.model.kwargs, set(_MODEL_INFERRED), "model.kwargs", cfg.model.source)
     if not problems and cfg.model.source in MODEL_BUILTINS:
         try:  # built-in models are small: build one with stand-in sizes to check activation, norm...
-            _call(model_fn, {"in_features": 4, "out_features": 2, "in_channels": 1} | dict(cfg.model.kwargs),
-                  "model.kwargs", cfg.model.source, only_accepted=True)
+            stand_in = {"in_features": 4, "in_channels": 1} | ({} if "num_classes" in cfg.model.kwargs else {"out_features": 2})
+            _call(model_fn, stand_in | dict(cfg.model.kwargs), "model.kwargs", cfg.model.source, only_accepted=True)
         except ConfigError as e:
             problems += e.problems
     return problems
@@ -254,9 +245,8 @@ def _trial(build: Callable[[], Any], key: str, label: str) -> Any:
 
 
 def check_config(cfg: Config) -> None:
-    """Raise one ConfigError listing every problem :func:`config_problems` finds."""
-    problems = config_problems(cfg)
-    if problems:
+    """Raise one ConfigError listing every problem :func:`config_problems` finds (a no-op after load_config)."""
+    if problems := config_problems(cfg):
         raise ConfigError(problems)
 
 
@@ -303,21 +293,22 @@ def _call(fn: Callable, kwargs: dict, key: str, label: str, only_accepted: bool 
 
 def _checked_call(fn: Callable, kwargs: dict, key: str, label: str) -> Any:
     """Like :func:`_call`, but unknown/missing arguments are named one by one first."""
-    problems = _kwargs_problems(fn, kwargs, set(), key, label)
-    if problems:
+    if problems := _kwargs_problems(fn, kwargs, set(), key, label):
         raise ConfigError(problems)
     return _call(fn, kwargs, key, label)
 
 
-# --------------------------------------------------------------------------- builders
 
+def build_data(cfg: Config, seed: int | None = None) -> DataBundle:
+    """Call the data factory and describe what it returned (shapes, number of classes).
 
-def build_data(cfg: Config) -> DataBundle:
-    """Call the data factory and describe what it returned (shapes, number of classes)."""
+    ``seed`` replaces ``cfg.seed`` (pass the seed actually drawn when ``cfg.seed`` is null, so a
+    resumed run gets the same train/val split).
+    """
     factory = data_factory(cfg.data.source)
     params = _params(factory) or {}
     kwargs = dict(cfg.data.kwargs)
-    for name, value in (("val_fraction", cfg.data.val_fraction), ("seed", cfg.seed)):
+    for name, value in (("val_fraction", cfg.data.val_fraction), ("seed", cfg.seed if seed is None else seed)):
         if name in params and name not in kwargs:
             kwargs[name] = value
     result = _checked_call(factory, kwargs, "data.kwargs", cfg.data.source)

@@ -64,7 +64,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"), default=_json_default)
+            # dumps + one write: json.dump's streaming encoder is ~6x slower for a status snapshot
+            f.write(json.dumps(data, separators=(",", ":"), default=_json_default))
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -364,7 +365,8 @@ class RunDir:
     def list_checkpoints(self) -> list[Path]:
         """Checkpoint files, oldest first by modification time."""
         try:
-            files = [p for p in self.checkpoint_dir.iterdir() if p.suffix == ".pt" and p.is_file()]
+            files = [p for p in self.checkpoint_dir.iterdir()
+                     if p.suffix == ".pt" and p.is_file() and not p.is_symlink()]
         except OSError:
             return []
         return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
@@ -374,7 +376,8 @@ class RunDir:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+\.pt", name or "") or name.startswith("."):
             return None
         path = self.checkpoint_dir / name
-        return path if path.is_file() else None
+        # a symlink could point anywhere: never serve one
+        return path if path.is_file() and not path.is_symlink() else None
 
 
 def effective_state(status: dict, now: float | None = None) -> str:
