@@ -373,7 +373,7 @@ class RunDir:
 
     def checkpoint_file(self, name: str) -> Path | None:
         """The checkpoint called ``name`` in this run, or None; never a path outside it."""
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+\.pt", name or "") or name.startswith("."):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}\.pt", name or "") or name.startswith("."):
             return None
         path = self.checkpoint_dir / name
         # a symlink could point anywhere: never serve one

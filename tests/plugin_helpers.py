@@ -85,7 +85,8 @@ def wait_for_state(logdir: Path, name: str, states: tuple[str, ...], timeout: fl
 
 #: ``r1``: 3 epochs with StepLR(step_size=1) so the LR falls at epochs 2 and 3 (gamma 0.3 from 0.003).
 FINISHED_R1 = ("epochs=3", "scheduler.kwargs.step_size=1")
-#: ``r2``: a learning rate far too high, so the health engine raises alerts; started after r1.
+#: ``r2``: a learning rate far too high, so the health engine raises alerts (and may stop it:
+#: divergence's default action); started after r1.
 FINISHED_R2 = ("epochs=3", "optimizer.lr=5")
 _shared: dict[str, Path] = {}
 
@@ -102,7 +103,9 @@ def finished_runs(tmp_path_factory) -> Path:
         p2 = start_training(logdir, "r2", *FINISHED_R2)
         for name, proc in (("r1", p1), ("r2", p2)):
             out, _ = proc.communicate(timeout=300)
-            assert proc.returncode == 0, f"training {name} exited {proc.returncode}:\n{out}"
+            state = (runstate.RunDir(logdir / name).read_status() or {}).get("state")
+            assert proc.returncode == 0 and state in ("completed", "stopped"), (
+                f"training {name} exited {proc.returncode} in state {state}:\n{out}")
         _shared["finished"] = logdir
     return _shared["finished"]
 
@@ -112,7 +115,7 @@ def start_live(logdir: Path, name: str, *overrides: str) -> subprocess.Popen:
     output = logdir.parent / f"{logdir.name}-{name}.out"
     proc = start_training(logdir, name, "epochs=100000", *overrides, output=output)
     try:
-        wait_for_state(logdir, name, ("training",), timeout=120)
+        wait_for_state(logdir, name, ("training",), timeout=240)  # a loaded CI box imports torch slowly
     except AssertionError:
         proc.kill()
         proc.wait(10)
@@ -120,7 +123,7 @@ def start_live(logdir: Path, name: str, *overrides: str) -> subprocess.Popen:
     return proc
 
 
-def control_and_wait(logdir: Path, name: str, command: str, timeout: float = 60) -> dict:
+def control_and_wait(logdir: Path, name: str, command: str, timeout: float = 120) -> dict:
     """Send ``command`` the way the CLI does and return the trainer's acknowledgement."""
     rd = runstate.RunDir(logdir / name)
     rid = rd.request_control(command, source="test")

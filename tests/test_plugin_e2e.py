@@ -7,6 +7,7 @@ overview, run page, pause/resume, checkpoint download, stop. Screenshots go to t
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 
@@ -24,8 +25,9 @@ ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-#: The LR halves every epoch, so reductions show up within the first epochs.
-LIVE = ("scheduler.kwargs.step_size=1", "scheduler.kwargs.gamma=0.5", "logging.every_steps=5")
+#: The LR halves every 3 epochs: the first reduction comes within seconds, and there are still
+#: few enough for the chart to label each one while the test looks.
+LIVE = ("scheduler.kwargs.step_size=3", "scheduler.kwargs.gamma=0.5", "logging.every_steps=5")
 T = 60_000  # ms: generous, two CPU cores run TensorBoard, Chromium and a training at once
 
 
@@ -59,6 +61,11 @@ def browser_page(board):
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def browser(browser_page):
+    return browser_page[0].context.browser
+
+
 def frame(page):
     return page.frame_locator("iframe")
 
@@ -73,10 +80,21 @@ def row(page, run: str):
 
 def shoot(page, name: str, height: int = 1000) -> None:
     """Screenshot with a viewport tall enough that the tab's iframe shows everything."""
+    page.mouse.move(1, height - 1)  # no hover effects (Plotly's mode bar) in the picture
     page.set_viewport_size({"width": 1400, "height": height})
     page.wait_for_timeout(1500)  # Plotly relayouts on resize
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
     page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+@contextlib.contextmanager
+def evidence(page, name: str):
+    """On failure, leave a screenshot of what the browser showed in test-artifacts/."""
+    try:
+        yield
+    except BaseException:
+        page.screenshot(path=str(ARTIFACTS / f"failed-{name}.png"), full_page=True)
+        raise
 
 
 def badge_state(locator) -> str:
@@ -104,6 +122,36 @@ def test_overview_shows_the_live_and_the_finished_runs(board, browser_page):
     shoot(page, "overview", 700)
 
 
+def test_alert_banners_and_remembered_dismissal(board, browser_page):
+    page, _ = browser_page
+    f = frame(page)
+    alerts = runstate.RunDir(board["logdir"] / "r2").read_alerts()
+    active = [a for a in alerts if not a.get("resolved")]
+    assert active, "r2 trains with a learning rate of 5 and should end with an active alert"
+    row(page, "r2").locator(tid("run-link")).click()
+    banners = f.locator(tid("alert-banner"))
+    wait_for(lambda: banners.count() == len(active), 30, "one banner per active alert")
+    assert active[0]["message"] in f.locator(tid("alert-banners")).inner_text()
+    f.locator(f'{tid("alert-history")} summary').click()
+    assert f.locator(tid("alert-row")).count() == len(alerts)
+    f.locator(f'{tid("chart-steps")} svg.main-svg').first.wait_for(timeout=T)
+    shoot(page, "run-alerts", 1400)
+    dismissed = banners.first.get_attribute("data-alert-id")
+    banners.first.locator(tid("alert-dismiss")).click()
+    assert banners.count() == len(active) - 1
+    page.reload()
+    with evidence(page, "reload"):
+        row(page, "r2").locator(tid("run-link")).click()
+        s = runstate.RunDir(board["logdir"] / "r2").read_status()
+        epoch = f"{s['epoch']}/{s['total_epochs']}"
+        wait_for(lambda: f.locator(tid("status-epoch")).inner_text() == epoch, 30, "r2 status after reload")
+    page.wait_for_timeout(500)
+    assert banners.count() == len(active) - 1
+    assert f.locator(f'{tid("alert-banner")}[data-alert-id="{dismissed}"]').count() == 0
+    f.locator(tid("back-link")).click()
+    row(page, "live").wait_for(timeout=T)
+
+
 def test_run_page_shows_status_progress_cards_curves_lr_markers_and_logs(board, browser_page):
     page, _ = browser_page
     f = frame(page)
@@ -128,6 +176,23 @@ def test_run_page_shows_status_progress_cards_curves_lr_markers_and_logs(board, 
     assert f.locator(tid("log-line")).count() > 0
     assert "Epoch 1/100000 done" in f.locator(tid("logs")).inner_text()
     assert re.fullmatch(r"\d+ warnings?", f.locator(tid("log-warnings")).inner_text())
+
+
+def test_logs_follow_the_tail_unless_scrolled_up(browser_page):
+    page, _ = browser_page
+    f = frame(page)
+    logs, lines = f.locator(tid("logs")), f.locator(tid("log-line"))
+    wait_for(lambda: logs.evaluate("el => el.scrollHeight > el.clientHeight + 40"), 90, "logs to overflow their box")
+    at_bottom = "el => el.scrollHeight - el.scrollTop - el.clientHeight < 8"
+    assert logs.evaluate(at_bottom), "new lines keep the tail in view"
+    logs.evaluate("el => { el.scrollTop = 10; }")  # the user scrolls up to read
+    n = lines.count()
+    wait_for(lambda: lines.count() > n, 30, "more log lines")
+    assert logs.evaluate("el => el.scrollTop") == 10, "a user who scrolled up is left where they are"
+    logs.evaluate("el => { el.scrollTop = el.scrollHeight; }")
+    n = lines.count()
+    wait_for(lambda: lines.count() > n, 30, "more log lines")
+    assert logs.evaluate(at_bottom)
 
 
 def test_pause_then_resume(board, browser_page):
@@ -162,16 +227,22 @@ def test_save_checkpoint_offers_a_working_download(board, browser_page):
     shoot(page, "run", 3000)
 
 
+def set_tensorboard_theme(page, name: str) -> None:
+    """Pick a theme with TensorBoard's own header menu (it toggles body.dark-mode)."""
+    page.locator("app-header-dark-mode-toggle-component button").click()
+    page.get_by_role("menuitem", name=name, exact=True).click()
+
+
 def test_dark_theme_follows_tensorboard(browser_page):
     page, _ = browser_page
-    page.emulate_media(color_scheme="dark")
-    f = frame(page)
-    html = f.locator("html")
+    html = frame(page).locator("html")
+    assert html.get_attribute("data-theme") == "light"
+    set_tensorboard_theme(page, "Dark")
     try:
         wait_for(lambda: html.get_attribute("data-theme") == "dark", 20, "dark theme")
         shoot(page, "run-dark", 3000)
     finally:
-        page.emulate_media(color_scheme="light")
+        set_tensorboard_theme(page, "Light")
     wait_for(lambda: html.get_attribute("data-theme") == "light", 20, "light theme again")
 
 
@@ -191,3 +262,20 @@ def test_stop_asks_for_confirmation_then_the_trainer_exits(board, browser_page):
     f.locator(tid("back-link")).click()
     wait_for(lambda: badge_state(row(page, "live").locator(tid("state-badge"))) == "stopped", 30, "overview badge")
     assert not errors, errors
+
+
+def test_read_only_board_hides_the_controls(board, browser):
+    """A second TensorBoard on the same logdir, started with --tbhealth_read_only."""
+    port = free_port()
+    tb = start_tensorboard(board["logdir"], port, "--tbhealth_read_only")
+    page = browser.new_page()
+    try:
+        wait_for_listing(port)
+        page.goto(f"http://localhost:{port}/#tbhealth")
+        row(page, "r1").locator(tid("run-link")).click()
+        f = frame(page)
+        f.locator(tid("controls-readonly")).wait_for(timeout=T)
+        assert f.locator(tid("btn-pause")).count() == 0 and f.locator(tid("btn-stop")).count() == 0
+    finally:
+        page.close()
+        stop_process(tb)

@@ -1,0 +1,245 @@
+"""What each Health-tab route answers, as pure functions of the logdir and the parsed request.
+
+The werkzeug handlers in ``plugin.py`` only parse requests and serialise answers; everything a
+test wants to check lives here and reads run state through ``tbhealth.runstate`` alone. A bad
+request raises ``ApiError`` with the HTTP status and a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from tbhealth import runstate, schema
+
+#: Newest log records sent when a client starts from offset 0 on a long log.
+MAX_LOG_RECORDS = 1000
+_MAX_OFFSET = 2**53
+_DIGITS = re.compile(r"^[0-9]{1,17}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ApiError(Exception):
+    """A request the route refuses; ``status`` is the HTTP code (4xx), ``message`` says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+def open_run(logdir: str | None, run: Any) -> tuple[runstate.RunDir, str]:
+    """The run's directory and canonical name; 400 for a name that could leave the logdir, 404
+    when no tbhealth run lives there."""
+    if not logdir:
+        raise ApiError(404, "the Health tab needs TensorBoard started with --logdir (not --logdir_spec)")
+    if run is None or run == "":
+        raise ApiError(400, "missing parameter 'run' (a run name as listed by GET runs)")
+    if not isinstance(run, str):
+        raise ApiError(400, "parameter 'run' must be a string")
+    try:
+        path = runstate.resolve_run(logdir, run)
+    except runstate.RunNameError as e:
+        raise ApiError(400, str(e)) from None
+    rd = runstate.RunDir(path)
+    if not rd.exists():
+        raise ApiError(404, f"no tbhealth run {run!r} under the logdir")
+    return rd, runstate.run_name(logdir, path)
+
+
+def parse_offset(value: str | None, name: str) -> int:
+    """A non-negative integer query parameter; absent means 0."""
+    if value is None or value == "":
+        return 0
+    if not _DIGITS.match(value) or int(value) > _MAX_OFFSET:
+        raise ApiError(400, f"parameter {name!r} must be a non-negative integer, got {value[:40]!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- runs and status
+
+
+def summarize(name: str, path: str, status: dict) -> dict:
+    """One row of the overview; the same fields as ``tbhealth runs --json`` (``schema.run_summary``)
+    plus ``reported_state``, which explains an ``unresponsive`` run."""
+    row = schema.run_summary(name, path, status)
+    row["reported_state"] = status.get("reported_state")
+    return row
+
+
+def _newest_first_key(row: dict) -> tuple:
+    started = row.get("started_at")
+    if started is None:
+        started = (row.get("updated_at") or 0.0) - (row.get("elapsed_s") or 0.0)
+    return (-started, row["run"])
+
+
+_run_dirs: dict[Path, runstate.RunDir] = {}
+
+
+def _run_dir(path: Path) -> runstate.RunDir:
+    """``RunDir(path)``, kept: building its nine paths for 500 runs on every poll costs ~30 ms."""
+    rd = _run_dirs.get(path)
+    if rd is None:
+        if len(_run_dirs) > 20_000:
+            _run_dirs.clear()
+        rd = _run_dirs[path] = runstate.RunDir(path)
+    return rd
+
+
+def runs_impl(logdir: str | None, now: float | None = None) -> dict:
+    """Every tbhealth run under the logdir, newest first. Reads one status file per run.
+
+    Names are the paths relative to the logdir, as ``runstate.run_name`` gives them; computed
+    without its symlink resolution because ``list_run_dirs`` never follows symlinks (twice as
+    fast with hundreds of runs).
+    """
+    if not logdir:
+        return {"runs": [], "server_time": time.time(), "logdir": None}
+    now = time.time() if now is None else now
+    root = Path(logdir)
+    rows = []
+    for path in runstate.list_run_dirs(root):
+        status = _run_dir(path).read_status(now)
+        if status is not None:
+            rows.append(summarize(path.relative_to(root).as_posix(), str(path), status))
+    rows.sort(key=_newest_first_key)
+    return {"runs": rows, "server_time": now}
+
+
+def status_impl(logdir: str | None, run: Any, now: float | None = None) -> dict:
+    """The run's status snapshot (DESIGN's ``status --json``), state made effective, plus the
+    server clock so the page can count the ETA down without trusting the browser's clock."""
+    rd, name = open_run(logdir, run)
+    now = time.time() if now is None else now
+    status = rd.read_status(now)
+    if status is None:
+        raise ApiError(404, f"run {name!r} has no readable status yet; retry in a moment")
+    out = schema.public_status(status, name)
+    out["progress"] = schema.progress_fraction(status)
+    out["server_time"] = now
+    return out
+
+
+# --------------------------------------------------------------------------- alerts and logs
+
+
+def alerts_impl(logdir: str | None, run: Any, after: int = 0) -> dict:
+    """Alert episodes that appeared or changed since the client's ``cursor``; all when 0.
+
+    The cursor is the size of the alert record stream the client has seen: records appended
+    after it name the episodes to resend, each in its latest merged form (a resolved alert
+    comes back with ``resolved: true``). A cursor past the end (a replaced file) starts over.
+    """
+    rd, _ = open_run(logdir, run)
+    size = runstate.file_size(rd.alerts_path)
+    if after > size:
+        after = 0
+    records, cursor = runstate.read_records(rd.alerts_path, after)
+    changed = {r.get("id") for r in records if "_malformed" not in r}
+    if not changed:
+        return {"alerts": [], "cursor": cursor}
+    merged = [a for a in rd.read_alerts() if a.get("id") in changed]
+    return {"alerts": [schema.public_alert(a) for a in merged], "cursor": cursor}
+
+
+def logs_impl(logdir: str | None, run: Any, offset: int = 0) -> dict:
+    """Log records written since byte ``offset`` and the offset to ask from next time.
+
+    A first request on a long log gets only the newest ``MAX_LOG_RECORDS`` (``skipped`` says how
+    many were left out): the page shows a tail, not days of history.
+    """
+    rd, _ = open_run(logdir, run)
+    if offset > runstate.file_size(rd.log_path):
+        offset = 0
+    records, new_offset = rd.read_log(offset)
+    skipped = max(0, len(records) - MAX_LOG_RECORDS)
+    records = records[skipped:]
+    records = [schema.json_safe({k: v for k, v in r.items() if k != "v"}) for r in records]
+    return {"records": records, "offset": new_offset, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- checkpoints and control
+
+
+def checkpoint_impl(logdir: str | None, run: Any, name: Any) -> Path:
+    """The checkpoint file to stream; only ever one that ``RunDir.checkpoint_file`` vouches for."""
+    rd, run_name = open_run(logdir, run)
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "missing parameter 'name' (a checkpoint file name such as 'epoch-3.pt')")
+    if len(name) > 255:
+        raise ApiError(400, "checkpoint name longer than 255 characters")
+    try:
+        path = rd.checkpoint_file(name)
+    except OSError:  # a name the filesystem rejects
+        path = None
+    if path is None or rd.path.resolve() not in path.resolve().parents:
+        raise ApiError(404, f"run {run_name!r} has no checkpoint {name[:100]!r}")
+    return path
+
+
+def checkpoints_of(rd: runstate.RunDir) -> list[str]:
+    return [p.name for p in rd.list_checkpoints()]
+
+
+def control_impl(logdir: str | None, body: Any, read_only: bool) -> dict:
+    """Queue a control request for a live run. Guards on headers/origin ran before this."""
+    if read_only:
+        raise ApiError(403, "TensorBoard runs with --tbhealth_read_only: controls are disabled")
+    if not isinstance(body, dict):
+        raise ApiError(400, 'body must be a JSON object like {"run": "r1", "command": "pause"}')
+    command = body.get("command")
+    if command not in runstate.COMMANDS:
+        raise ApiError(400, f"unknown command {str(command)[:40]!r}; allowed: {', '.join(runstate.COMMANDS)}")
+    rd, name = open_run(logdir, body.get("run"))
+    status = rd.read_status()
+    state = status["state"] if status else "unknown"
+    if not runstate.is_live(state):
+        raise ApiError(
+            409,
+            f"run {name!r} is {state}: only a starting, training or paused run can {command}"
+            + ("; its trainer stopped sending heartbeats" if state == runstate.UNRESPONSIVE else ""),
+        )
+    rid = rd.request_control(command, source="tensorboard")
+    return {"id": rid, "run": name, "command": command}
+
+
+def _checkpoint_name(rd: runstate.RunDir, ack: dict) -> str | None:
+    for key in ("checkpoint", "file", "path"):
+        value = ack.get(key)
+        if isinstance(value, str) and value:
+            name = Path(value).name
+            return name if rd.checkpoint_file(name) is not None else None
+    return None
+
+
+def ack_impl(logdir: str | None, run: Any, request_id: Any) -> dict:
+    """What became of a control request: ``pending``, ``done`` or ``rejected`` (+ ``detail``).
+
+    A request that a run which has meanwhile ended never acknowledged is reported ``rejected``
+    so the page stops waiting.
+    """
+    rd, name = open_run(logdir, run)
+    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+        raise ApiError(400, "parameter 'id' must be the id returned by POST control")
+    ack = rd.read_acks().get(request_id)
+    if ack is not None:
+        out = {"id": request_id, "status": ack.get("status", "done"), "detail": ack.get("detail", "")}
+        checkpoint = _checkpoint_name(rd, ack)
+        if checkpoint:
+            out["checkpoint"] = checkpoint
+        return out
+    requests, _ = rd.read_control(0)
+    if not any(r.id == request_id for r in requests):
+        raise ApiError(404, f"run {name!r} has no control request {request_id!r}")
+    status = rd.read_status()
+    state = status["state"] if status else "unknown"
+    if not runstate.is_live(state):
+        return {"id": request_id, "status": "rejected", "detail": f"the run is {state} and did not acknowledge the request"}
+    return {"id": request_id, "status": "pending", "detail": ""}
+
