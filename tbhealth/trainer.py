@@ -70,11 +70,14 @@ class Trainer:
         self.cfg, self.run, self.dist = cfg, RunDir(run_dir), dist
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
         self.seed = cfg.seed if cfg.seed is not None else int(torch.initial_seed() % 2**31)
+        if resume and cfg.seed is None:  # a drawn seed: the resumed run must split and shuffle alike
+            latest = ckpt.CheckpointManager(self.run).latest()
+            self.seed = ckpt.load(latest)["seed"] if latest else self.seed
         if dist is not None:  # every rank must shuffle alike: rank 0's seed wins
             self.seed = dist.broadcast(self.seed)
         seed_everything(self.seed)
         self.device = dist.device if dist else pick_device(cfg.device)
-        self.bundle = registry.build_data(cfg)
+        self.bundle = registry.build_data(cfg, seed=self.seed)  # the drawn seed: a resume gets the same split
         self.classification = self.bundle.task == "classification"
         self.model = registry.build_model(cfg, self.bundle).to(self.device)
         self.net = self._wrap(self.model)
@@ -147,11 +150,25 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
         with autocast:
-            out = self.net(x)
+            out = self._fit_shape(self.net(x), y)
             loss = self.loss_fn(out, y)
         self.scaler.scale(loss * scale).backward()
-        correct = (out.argmax(1) == y).sum() if self.classification else None
-        return loss.detach(), correct
+        return loss.detach(), self._correct(out, y)
+
+    @staticmethod
+    def _fit_shape(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A (N, 1) prediction for (N,) targets (scalar regression, binary logits) is squeezed."""
+        return out.squeeze(1) if out.dim() == 2 and out.shape[1] == 1 and y.dim() == 1 else out
+
+    def _correct(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Right predictions in the batch, on the device: argmax for class indices, a 0.5
+        threshold on logits for float (binary / multi-label) targets, all labels right."""
+        if not self.classification:
+            return None
+        if y.is_floating_point():
+            hit = (out.detach() > 0) == (y > 0.5)
+            return hit.reshape(len(y), -1).all(1).sum()
+        return (out.argmax(1) == y).sum()
 
     def optimizer_step(self) -> torch.Tensor | None:
         grad_norm = None
@@ -174,11 +191,11 @@ class Trainer:
         shard = range(self.rank, len(self.bundle.val), self.world_size)  # no padding: exact sums
         for x, y in self._loader(self.bundle.val, shard):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self.model(x)
-            loss_sum += self.loss_fn(out.float(), y).float() * len(x)
+            out = self._fit_shape(self.model(x), y).float()
+            loss_sum += self.loss_fn(out, y).float() * len(x)
             count += len(x)
             if self.classification:
-                correct += (out.argmax(1) == y).sum()
+                correct += self._correct(out, y)
         totals = self._reduce(torch.stack([loss_sum, correct.float(), count.float()])).tolist()
         n = max(totals[2], 1)
         return {"val_loss": totals[0] / n, "val_acc": totals[1] / n if self.classification else None}
