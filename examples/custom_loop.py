@@ -1,0 +1,58 @@
+"""Your own PyTorch loop, reporting to ``tbhealth.Monitor``: no config file, no Trainer.
+
+    python examples/custom_loop.py --logdir runs --epochs 10      then   tbhealth board runs
+
+The run gets everything ``tbhealth train`` gives: TensorBoard scalars, health alerts, and
+``tbhealth pause|resume|stop|checkpoint`` (the monitor calls ``save`` at a step boundary).
+"""
+
+import argparse
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import tbhealth
+from tbhealth.checkpoint import save_atomic  # temp file + rename: never a half-written checkpoint
+from tbhealth.data import digits
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--logdir", default="runs")
+parser.add_argument("--name", default="custom-loop")
+parser.add_argument("--epochs", type=int, default=10)
+args = parser.parse_args()
+
+torch.manual_seed(0)
+train_set, val_set = digits(val_fraction=0.2, seed=0)  # 8x8 digits shipped with scikit-learn
+loader = DataLoader(train_set, batch_size=64, shuffle=True)
+x_val, y_val = val_set.tensors
+model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))  # activation modules: hooks see them
+opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+loss_fn = nn.CrossEntropyLoss()
+
+
+def save(kind: str):  # kind: "manual" (tbhealth checkpoint RUN) or "stop" (tbhealth stop, a stop rule)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": mon.global_step}
+    return save_atomic(state, mon.run.checkpoint_dir / f"{kind}-step-{mon.global_step:06d}.pt")
+
+
+with tbhealth.Monitor(args.logdir, args.name, total_epochs=args.epochs, model=model, optimizer=opt,
+                      checkpoint_fn=save) as mon:
+    for epoch in mon.epochs(batches_per_epoch=len(loader)):
+        model.train()
+        for x, y in loader:
+            out = model(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            opt.step()
+            mon.step(loss, n=len(x), correct=(out.argmax(1) == y).sum())  # tensors: no sync here
+            opt.zero_grad()
+            if mon.should_stop:  # a stop request or a health rule with action: stop
+                break
+        if mon.should_stop:
+            break
+        model.eval()
+        with torch.no_grad():
+            out = model(x_val)
+        mon.end_epoch(val_loss=loss_fn(out, y_val).item(), val_acc=(out.argmax(1) == y_val).float().mean().item())
+print(f"{mon.progress.state}: {mon.run_dir}")
