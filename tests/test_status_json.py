@@ -22,8 +22,9 @@ from tests.plugin_helpers import REPO, end_live, start_live, start_training, tbh
 
 slow = pytest.mark.slow
 
-FIN_EPOCHS = 4
-FIN = (f"epochs={FIN_EPOCHS}", "data.batch_size=16")  # 90 steps per epoch: a few heartbeats per epoch
+FIN_EPOCHS = 10
+FIN_STEPS = 180  # per epoch: 1437 training samples / batch 8
+FIN = (f"epochs={FIN_EPOCHS}", "data.batch_size=8")  # 180 steps per epoch: heartbeats within epochs, ~8 s
 DIV = ("epochs=3", "optimizer.name=SGD", "optimizer.lr=50")  # NaN within ~10 steps; divergence action: stop
 #: A heartbeat is due every second; allow for a loaded 2-core machine.
 MAX_BEAT_GAP_S = 1.6
@@ -121,7 +122,7 @@ def test_status_json_of_a_completed_run(logdir, finished):
     assert s["run"] == "fin" and s["state"] == "completed" and "v" not in s
     assert s["eta_s"] == 0
     assert (s["epoch"], s["epochs_done"], s["total_epochs"]) == (FIN_EPOCHS, FIN_EPOCHS, FIN_EPOCHS)
-    assert s["batch"] == s["batches_per_epoch"] == 90 and s["global_step"] == 90 * FIN_EPOCHS
+    assert s["batch"] == s["batches_per_epoch"] == FIN_STEPS and s["global_step"] == FIN_STEPS * FIN_EPOCHS
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
         assert isinstance(s["metrics"][key]["value"], float), key
         assert isinstance(s["metrics"][key]["delta"], float), key  # several epochs: a change to show
