@@ -125,7 +125,7 @@ class CheckpointConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    every_steps: int = Field(20, ge=1, description="Read step loss/grad norm off the device every N steps (steps).")
+    every_steps: int = Field(50, ge=1, description="Read step loss/grad norm off the device every N steps (steps); 50 keeps the read-back under 1 % of a 2 ms step.")
 
 
 _SECTIONS = ("data", "model", "optimizer", "scheduler", "checkpoint", "health", "logging")

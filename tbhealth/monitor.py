@@ -70,7 +70,7 @@ class Monitor:
         self, logdir: str | os.PathLike = "runs", name: str | None = None, *, total_epochs: int,
         run_dir: str | os.PathLike | None = None, model: torch.nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None, checkpoint_fn: Callable[[str], Path] | None = None,
-        health: Any = None, log_every: int = 20, resume_state: dict | None = None, verbose: bool = True,
+        health: Any = None, log_every: int = 50, resume_state: dict | None = None, verbose: bool = True,
         reporter: Reporter | None = None, handle_signals: bool = True, system_metrics: bool = True,
         dist: DistContext | None = None,
     ):

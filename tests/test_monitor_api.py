@@ -72,7 +72,8 @@ def test_custom_loop_example_writes_a_complete_run(tmp_path):
     tags = set(acc.Tags()["scalars"])
     for tag in EPOCH_TAGS:
         assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3], tag
-    assert [e.step for e in acc.Scalars("step/loss")][:3] == [20, 40, 60]  # log_every default 20
+    logged = [e.step for e in acc.Scalars("step/loss")]
+    assert logged and all(s % 50 == 0 for s in logged) and logged[0] == 50  # log_every default 50
     assert {"step/grad_norm", "health/grad_norm/global", "health/dead_units/1"} <= tags  # step 50 sampled
     assert run.read_alerts() == []
     alerts = subprocess.run([tbhealth_exe(), "alerts", "custom-loop", "--logdir", str(tmp_path), "--json"],
