@@ -63,7 +63,7 @@ def test_defaults_match_the_documented_contract():
         "digits", {}, 64, 0.2, 0)
     assert (cfg.model.source, cfg.loss, cfg.optimizer.name, cfg.optimizer.lr) == ("mlp", "CrossEntropyLoss", "Adam", 1e-3)
     assert (cfg.scheduler.name, cfg.scheduler.monitor, cfg.scheduler.interval) == (None, "val_loss", "epoch")
-    assert (cfg.checkpoint.every_epochs, cfg.checkpoint.keep_last, cfg.logging.every_steps) == (1, 3, 20)
+    assert (cfg.checkpoint.every_epochs, cfg.checkpoint.keep_last, cfg.logging.every_steps) == (1, 3, 50)
     assert (cfg.amp, cfg.grad_clip, cfg.accumulate_steps) == (False, None, 1)
     assert cfg.health.divergence.action == "warn"
     assert cfg.resolved_task == "classification"
