@@ -94,7 +94,9 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
         runstate.resolve_run(logdir, name)
     except runstate.RunNameError as e:
         fail(f"--name: {e}", code=EXIT_USAGE)
-    if resume and not any((logdir / name).glob("checkpoints/*.pt")):
+    from tbhealth.checkpoint import CheckpointManager
+
+    if resume and CheckpointManager(runstate.RunDir(logdir / name)).latest() is None:
         fail(f"--resume: no checkpoint in {logdir / name}/checkpoints to resume from.", code=EXIT_USAGE,
              hint="Start it without --resume, or name an existing run with --name.")
     from tbhealth import distributed

@@ -32,6 +32,7 @@ class HealthWatch:
         self.step_losses: deque[tuple[int, float]] = deque(state.get("step_losses", ()), maxlen=n)
         self.grad_norms: deque[float] = deque(state.get("grad_norms", ()), maxlen=n)
         self._lock = threading.Lock()
+        self._seen_step, self._seen_at = -1, time.time()  # last step count the heartbeat saw change
         self._fired: set[str] = {a["id"] for a in state.get("open_alerts", ())}
         self._first_loss: torch.Tensor | None = None  # the run's first step loss, on the device until read
 
@@ -127,10 +128,13 @@ class HealthWatch:
     def on_tick(self, progress, system: dict | None) -> list[dict]:
         """Wall-clock rules: GPU memory from the system sampler, and stalled steps."""
         gpu = (system or {}).get("gpu") or {}
+        now = time.time()
+        if progress.global_step != self._seen_step:  # progress seen from here: nothing on the step path
+            self._seen_step, self._seen_at = progress.global_step, now
         obs = Observation(
-            epoch=progress.epoch, step=progress.global_step, now=time.time(), state=progress.state,
+            epoch=progress.epoch, step=progress.global_step, now=now, state=progress.state,
             gpu_memory_used=gpu.get("memory_used_bytes"), gpu_memory_total=gpu.get("memory_total_bytes"),
-            last_progress_time=progress.last_step_time,
+            last_progress_time=max(progress.last_step_time, self._seen_at),
         )
         return self._run([obs], progress.epoch, progress.global_step)
 

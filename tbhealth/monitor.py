@@ -95,12 +95,14 @@ class Monitor(Steering):
         self._resume_state = resume_state
         self._lock = threading.Lock()
         self._stop_reason: str | None = None
-        self._signal_stop: str | None = None
+        self._stop_wanted: str | None = None  # a stop asked for by a signal or request_stop()
         self._paused = False
         self._pending_actions: list[tuple[str, str]] = []
+        self._actions_lock = threading.Lock()  # the heartbeat thread queues actions too
         self._old_handlers: dict = {}
         self._loss_sum = self._correct_sum = None
         self._pending: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
+        self._resumed_sums: list | None = None  # [loss sum, correct sum | None, count] before a resume
         self._count = 0
         self._last_step_loss: float | None = None
         self._next_system_scalars = 0.0
@@ -130,31 +132,39 @@ class Monitor(Steering):
         p = self.progress
         if self._resume_state:
             self._load_state(self._resume_state)
-        if self.is_writer:
-            self.run.state_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = EventWriter(self.run_dir, flush_secs=1.0)
-            self.writer.custom_scalars(CUSTOM_SCALARS)
-            self._control = ControlChannel(self.run)
-            stale = self._control.reject_stale()
-            if stale:
-                self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
-            if self._want_system:
-                from tbhealth.system import SystemSampler
-
-                gpu = self._gpu_index()
-                self.system = SystemSampler(interval=1.0, gpu_index=gpu)
-                self.system.start()
-            self._heartbeat = Heartbeat(self._beat, interval=1.0)
-        self.health = self._make_health()
-        if self._handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-        p.state = "training"
-        self.reporter.start(str(self.run_dir), p.total_epochs, p.epochs_done)
-        self._write_status()
-        if self._heartbeat:
-            self._heartbeat.start()
+        self.health = self._make_health()  # first: bad health settings fail before any thread starts
+        try:
+            self._open_outputs()
+            if self._handle_signals and threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            p.state = "training"
+            self.reporter.start(str(self.run_dir), p.total_epochs, p.epochs_done)
+            self._write_status()
+            if self._heartbeat:
+                self._heartbeat.start()
+        except BaseException as e:  # leave no thread, handler or "training" status behind
+            self.fail(e)
+            raise
         return self
+
+    def _open_outputs(self) -> None:
+        """Rank 0's event file, control channel, system sampler and heartbeat."""
+        if not self.is_writer:
+            return
+        self.run.state_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = EventWriter(self.run_dir, flush_secs=1.0)
+        self.writer.custom_scalars(CUSTOM_SCALARS)
+        self._control = ControlChannel(self.run)
+        stale = self._control.reject_stale()
+        if stale:
+            self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
+        if self._want_system:
+            from tbhealth.system import SystemSampler
+
+            self.system = SystemSampler(interval=1.0, gpu_index=self._gpu_index())
+            self.system.start()
+        self._heartbeat = Heartbeat(self._beat, interval=1.0)
 
     def close(self, state: str | None = None, message: str | None = None) -> None:
         """Finish the run: ``completed`` unless a stop was requested (then ``stopped``)."""
@@ -200,6 +210,7 @@ class Monitor(Steering):
         self.reporter.close()
         if self.is_writer:
             self._write_status()
+        if self.writer:
             self.writer.text(self.progress.global_step, "run/state", f"Run finished: **{self.progress.state}**")
             self.writer.close()
 
@@ -209,11 +220,10 @@ class Monitor(Steering):
         """Epoch numbers (1-based) still to train; ends early when a stop was requested."""
         first = self.progress.epochs_done + 1
         for epoch in range(first, self.progress.total_epochs + 1):
-            if epoch > first and self.dist is None and self._control is not None:
-                # requests that arrived during validation and checkpoints apply at this boundary
-                requests = self._control.poll(force=True)
-                if requests:
-                    self._apply_requests(requests)
+            if epoch > first and self.dist is None:
+                # requests, signals and epoch-level health actions that arrived during validation
+                # and checkpoints apply at this boundary, not one step into the next epoch
+                self._local_control(force=True)
                 while self._paused and not self._stop_reason:
                     self._wait_paused()
             if self.should_stop:
@@ -229,6 +239,8 @@ class Monitor(Steering):
         self._loss_sum = self._correct_sum = None
         self._pending = []
         self._count = 0
+        if not batch:
+            self._resumed_sums = None
         self.reporter.epoch_started(epoch, batches_per_epoch)
 
     def step(self, loss: torch.Tensor, *, n: int = 1, correct: torch.Tensor | None = None,
@@ -269,7 +281,7 @@ class Monitor(Steering):
         """Report a finished epoch; train loss/accuracy default to the means of ``step()``'s values."""
         p = self.progress
         self._fold()
-        if train_loss is None and self._loss_sum is not None:
+        if train_loss is None and (self._loss_sum is not None or self._resumed_sums):
             train_loss, acc = self._epoch_means()
             train_acc = acc if train_acc is None else train_acc
         if lr is None and self.optimizer is not None:
@@ -322,7 +334,7 @@ class Monitor(Steering):
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary with a checkpoint (for code that decides to stop)."""
-        self._begin_stop(reason)
+        self._stop_wanted = self._stop_wanted or reason
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps so a resumed run continues its progress, history and alerts."""
@@ -333,7 +345,23 @@ class Monitor(Steering):
             "epoch_durations": list(p.epoch_durations), "interventions": dict(p.interventions),
             "warnings": p.warnings, "errors": p.errors,
             "health": self.health.state_dict() if self.health is not None else None,
+            "epoch_sums": self._epoch_sums(),
         }
+
+    def _epoch_sums(self) -> list | None:
+        """Loss and correct sums of the epoch in progress (a mid-epoch checkpoint), so the resumed
+        epoch's means cover all of it. Read back only here, at checkpoint time. Under DDP the
+        ranks' sums live apart: a resumed epoch averages the steps after the resume."""
+        p = self.progress
+        if p.epoch <= p.epochs_done or self.dist is not None:
+            return None
+        self._fold()
+        loss, correct, count = self._resumed_sums or (0.0, None, 0)
+        if self._loss_sum is not None:
+            loss += self._loss_sum.item()
+        if self._correct_sum is not None:
+            correct = (correct or 0.0) + float(self._correct_sum.item())
+        return [loss, correct, count + self._count]
 
     # ------------------------------------------------------------------ internals
 
@@ -345,6 +373,7 @@ class Monitor(Steering):
         p.history, p.epoch_durations = list(s.get("history", [])), list(s.get("epoch_durations", []))
         p.interventions.update(s.get("interventions", {}))
         p.warnings, p.errors = s.get("warnings", 0), s.get("errors", 0)
+        self._resumed_sums = s.get("epoch_sums") if p.batch else None
 
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         """The logging step: one transfer to the host for everything read this step."""
@@ -405,14 +434,23 @@ class Monitor(Steering):
 
     def _epoch_means(self) -> tuple[float, float | None]:
         """The epoch's mean train loss and accuracy (over all ranks under DDP): one read-back."""
-        correct = self._correct_sum if self._correct_sum is not None else torch.zeros((), device=self._loss_sum.device)
-        sums = torch.stack([self._loss_sum.double(), correct.double(),
-                            torch.tensor(float(self._count), dtype=torch.float64, device=self._loss_sum.device)])
+        device = self._loss_sum.device if self._loss_sum is not None else "cpu"
+        zero = torch.zeros((), device=device)
+        loss = self._loss_sum if self._loss_sum is not None else zero
+        correct = self._correct_sum if self._correct_sum is not None else zero
+        sums = torch.stack([loss.double(), correct.double(),
+                            torch.tensor(float(self._count), dtype=torch.float64, device=device)])
         if self.dist:
             self.dist.all_reduce_sum(sums)
         loss_sum, n_correct, count = sums.tolist()
+        has_correct = self._correct_sum is not None
+        if self._resumed_sums:  # the part of this epoch trained before a mid-epoch resume
+            r_loss, r_correct, r_count = self._resumed_sums
+            loss_sum, count = loss_sum + r_loss, count + r_count
+            if r_correct is not None:
+                n_correct, has_correct = n_correct + r_correct, True
         count = max(count, 1.0)
-        return loss_sum / count, (n_correct / count if self._correct_sum is not None else None)
+        return loss_sum / count, (n_correct / count if has_correct else None)
 
     def _emit_alerts(self, events: list[dict]) -> None:
         for alert in events:
@@ -429,7 +467,8 @@ class Monitor(Steering):
                 if alert.get("action") in ("stop", "pause"):
                     # Applied by the training thread at its next step boundary, never from here:
                     # this may run on the heartbeat thread.
-                    self._pending_actions.append((alert["action"], alert["rule"]))
+                    with self._actions_lock:
+                        self._pending_actions.append((alert["action"], alert["rule"]))
         if events:
             self._poke()
 
@@ -443,8 +482,8 @@ class Monitor(Steering):
             self._heartbeat.poke()
 
     def _beat(self) -> None:
-        if self.health is not None and self.system is not None:
-            self._emit_alerts(self.health.on_tick(self.progress, self.system.latest()))
+        if self.health is not None:
+            self._emit_alerts(self.health.on_tick(self.progress, self.system.latest() if self.system else None))
         self._write_status()
         now = time.monotonic()
         if self.system is not None and self.writer and now >= self._next_system_scalars:

@@ -63,11 +63,11 @@ class Reporter:
     def step(self, batch: int, loss: float | None = None) -> None:
         if self._progress is None:
             return
-        if loss is not None:
-            self._postfix = f"loss {loss:.4f}"
         now = time.monotonic()
-        if now >= self._next_draw:
+        if now >= self._next_draw:  # format and redraw ~10 times a second, not every step
             self._next_draw = now + 0.1
+            if loss is not None:
+                self._postfix = f"loss {loss:.4f}"
             self._progress.update(self._batches, completed=batch, postfix=self._postfix)
 
     def epoch_finished(self, epoch: int, total: int, metrics: dict, seconds: float) -> None:

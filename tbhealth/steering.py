@@ -17,14 +17,14 @@ from tbhealth import runstate
 
 
 class Steering:
-    def _local_control(self) -> None:
-        requests = self._control.poll() if self._control is not None else []
+    def _local_control(self, force: bool = False) -> None:
+        requests = self._control.poll(force=force) if self._control is not None else []
         if requests:
             self._apply_requests(requests)
         if self._pending_actions:
-            self._run_pending_actions()
-        if self._signal_stop and not self._stop_reason:
-            self._begin_stop(f"received {self._signal_stop}")
+            self._run_pending_actions(self._take_actions())
+        if self._stop_wanted and not self._stop_reason:
+            self._begin_stop(self._stop_wanted)
 
     def _sync_control(self) -> None:
         """Under DDP: rank 0's requests, every rank's signals and health actions, agreed by all.
@@ -32,20 +32,19 @@ class Steering:
         Every rank calls this at the same steps, so each request is applied at the same step
         everywhere; rank 0 alone acknowledges and writes the checkpoint.
         """
-        mine = {"signal": self._signal_stop, "actions": self._pending_actions, "requests": []}
-        self._pending_actions = []
+        mine = {"signal": self._stop_wanted, "actions": self._take_actions(), "requests": []}
         if self._control is not None:
             mine["requests"] = [(r.id, r.command, r.source, r.time, r.error) for r in self._control.poll()]
         everyone = self.dist.all_gather(mine)
         requests = [runstate.ControlRequest(*r) for r in everyone[0]["requests"]]
         if requests:
             self._apply_requests(requests)
-        self._pending_actions = [a for e in everyone for a in e["actions"]]
-        if self._pending_actions:
-            self._run_pending_actions()
-        signalled = next((e["signal"] for e in everyone if e["signal"]), None)
-        if signalled and not self._stop_reason:
-            self._begin_stop(f"received {signalled}")
+        agreed = [a for e in everyone for a in e["actions"]]
+        if agreed:
+            self._run_pending_actions(agreed)
+        wanted = next((e["signal"] for e in everyone if e["signal"]), None)
+        if wanted and not self._stop_reason:
+            self._begin_stop(wanted)
 
     def _apply_requests(self, requests: list) -> None:
         for req in requests:
@@ -72,7 +71,11 @@ class Steering:
             self._set_paused(False)
             return True, f"resumed at epoch {p.epoch}, step {p.global_step}", {"step": p.global_step}
         if command == "checkpoint":
-            path = self._checkpoint("manual")
+            try:
+                path = self._checkpoint("manual")
+            except Exception as e:  # a full disk must not end the run, and the request gets its answer
+                self.log("ERROR", f"checkpoint failed: {type(e).__name__}: {e}")
+                return False, f"checkpoint failed: {type(e).__name__}: {e}", {}
             if path is None:
                 return False, "this training loop registered no checkpoint function", {}
             return True, f"checkpoint written: {path}", {"checkpoint": path.name, "path": str(path), "step": p.global_step}
@@ -99,7 +102,11 @@ class Steering:
             self._set_paused(False)
         p.state = "stopping"
         self._poke()
-        path = self._checkpoint("stop")
+        try:
+            path = self._checkpoint("stop")
+        except Exception as e:  # stop all the same: the last epoch's checkpoint is still on disk
+            path = None
+            self.log("ERROR", f"checkpoint at stop failed: {type(e).__name__}: {e}")
         self._stop_reason = reason
         p.interventions["stops"] += 1
         if self.is_writer:
@@ -128,8 +135,13 @@ class Steering:
         else:
             self._sync_control()
 
-    def _run_pending_actions(self) -> None:
-        actions, self._pending_actions = self._pending_actions, []
+    def _take_actions(self) -> list[tuple[str, str]]:
+        """Health actions queued so far (the heartbeat thread may queue more meanwhile)."""
+        with self._actions_lock:
+            actions, self._pending_actions = self._pending_actions, []
+        return actions
+
+    def _run_pending_actions(self, actions: list[tuple[str, str]]) -> None:
         for action, rule in actions:
             if action == "stop":
                 self._begin_stop(f"health rule {rule}: action stop")
@@ -140,6 +152,6 @@ class Steering:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self._signal_stop and signum == signal.SIGINT:
+        if self._stop_wanted and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self._signal_stop = name
+        self._stop_wanted = f"received {name}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +22,7 @@ from tbhealth import registry
 from tbhealth.config import Config, dump_config
 from tbhealth.distributed import DistContext
 from tbhealth.monitor import Monitor
-from tbhealth.runstate import RunDir
+from tbhealth.runstate import RunDir, write_text_atomic
 
 LR_EPS = 1e-12
 
@@ -69,10 +70,10 @@ class Trainer:
                  dist: DistContext | None = None):
         self.cfg, self.run, self.dist = cfg, RunDir(run_dir), dist
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
-        self.seed = cfg.seed if cfg.seed is not None else int(torch.initial_seed() % 2**31)
-        if resume and cfg.seed is None:  # a drawn seed: the resumed run must split and shuffle alike
-            latest = ckpt.CheckpointManager(self.run).latest()
-            self.seed = ckpt.load(latest)["seed"] if latest else self.seed
+        saved = self._load_latest() if resume else None
+        # a drawn seed (seed: null) is kept in the checkpoint: a resumed run splits and shuffles alike
+        self.seed = cfg.seed if cfg.seed is not None else (
+            saved["seed"] if saved else int(torch.initial_seed() % 2**31))
         if dist is not None:  # every rank must shuffle alike: rank 0's seed wins
             self.seed = dist.broadcast(self.seed)
         seed_everything(self.seed)
@@ -92,9 +93,9 @@ class Trainer:
         self.ckpts = ckpt.CheckpointManager(self.run, keep_last=cfg.checkpoint.keep_last)
         self.best: float | None = None
         self._skip = 0  # samples of the first epoch already trained before a mid-epoch resume
-        resume_state = self._restore() if resume else None
+        resume_state = self._restore(saved) if saved else None
         if self.rank == 0:
-            self.run.config_path.write_text(dump_config(cfg))
+            write_text_atomic(self.run.config_path, dump_config(cfg))
         self.monitor = Monitor(
             run_dir=self.run.path, total_epochs=cfg.epochs, model=self.model, optimizer=self.optimizer,
             checkpoint_fn=self.save_checkpoint, health=cfg.health, log_every=cfg.logging.every_steps,
@@ -189,7 +190,9 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = torch.zeros((), device=self.device, dtype=torch.long)
         shard = range(self.rank, len(self.bundle.val), self.world_size)  # no padding: exact sums
+        progress = self.monitor.progress
         for x, y in self._loader(self.bundle.val, shard):
+            progress.last_step_time = time.time()  # a long validation is progress, not a stall
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             out = self._fit_shape(self.model(x), y).float()
             loss_sum += self.loss_fn(out, y).float() * len(x)
@@ -255,11 +258,13 @@ class Trainer:
             self.save_checkpoint("epoch")
         self.save_checkpoint("last")
 
-    def _restore(self) -> dict:
-        path = self.ckpts.latest()
+    def _load_latest(self) -> dict:
+        path = ckpt.CheckpointManager(self.run).latest()
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.run.checkpoint_dir}")
-        state = ckpt.load(path, map_location=self.device)
+        return ckpt.load(path, map_location="cpu")  # load_state_dict moves tensors to the model's device
+
+    def _restore(self, state: dict) -> dict:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
@@ -267,7 +272,6 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
         self.best = state.get("best")
-        self.seed = state.get("seed", self.seed)
         monitor = dict(state["monitor"])
         self._skip = state.get("samples_done", 0)
         # a different world size after resume: progress is counted in this job's steps
