@@ -112,6 +112,7 @@ class Monitor(Steering):
         self._control: ControlChannel | None = None
         self._heartbeat: Heartbeat | None = None
         self._closed = False
+        self._final_written = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -507,7 +508,10 @@ class Monitor(Steering):
             if failures:  # a peer crashed while this rank may be blocked in a collective
                 status["state"], status["message"] = "failed", failures[0]["message"]
         with self._lock:
+            if self._final_written:  # a late heartbeat must not turn "completed" back into "training"
+                return
             self.run.write_status(status)
+            self._final_written = status["state"] in runstate.FINAL_STATES
 
     def _make_health(self):
         if self._health_settings is False:
