@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from tbhealth import runstate
-from tbhealth.schema import public_alert, public_status, run_summary
+from tbhealth.schema import newest_first, public_alert, public_status, run_summary
 from tbhealth_cli import render
 from tbhealth_cli.common import DEFAULT_LOGDIR, JsonOpt, LogdirOpt, RunArg, console, fail, find_run
 
@@ -81,21 +81,10 @@ def alerts(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt
 
 def collect_runs(logdir: Path) -> list[dict]:
     """Summaries of every run under ``logdir``, newest first (start time, else last heartbeat)."""
-    rows = []
-    for path in runstate.list_run_dirs(logdir):
-        rd = runstate.RunDir(path)
-        summary = run_summary(runstate.run_name(logdir, path), os.fspath(path), rd.read_status())
-        started = summary["started_at"] or summary["updated_at"] or _mtime(rd.status_path)
-        rows.append((started, summary))
-    rows.sort(key=lambda r: (r[0], r[1]["run"]), reverse=True)
-    return [summary for _, summary in rows]
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+    return newest_first([
+        run_summary(runstate.run_name(logdir, path), os.fspath(path), runstate.RunDir(path).read_status())
+        for path in runstate.list_run_dirs(logdir)
+    ])
 
 
 def runs(logdir: LogdirArg = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> None:

@@ -72,13 +72,6 @@ def summarize(name: str, path: str, status: dict) -> dict:
     return row
 
 
-def _newest_first_key(row: dict) -> tuple:
-    started = row.get("started_at")
-    if started is None:
-        started = (row.get("updated_at") or 0.0) - (row.get("elapsed_s") or 0.0)
-    return (-started, row["run"])
-
-
 _run_dirs: dict[Path, runstate.RunDir] = {}
 
 
@@ -108,8 +101,7 @@ def runs_impl(logdir: str | None, now: float | None = None) -> dict:
         status = _run_dir(path).read_status(now)
         if status is not None:
             rows.append(summarize(path.relative_to(root).as_posix(), str(path), status))
-    rows.sort(key=_newest_first_key)
-    return {"runs": rows, "server_time": now}
+    return {"runs": schema.newest_first(rows), "server_time": now}
 
 
 def status_impl(logdir: str | None, run: Any, now: float | None = None) -> dict:

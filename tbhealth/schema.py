@@ -313,6 +313,19 @@ def _metric_value(status: dict, name: str) -> Any:
     return metric.get("value") if isinstance(metric, dict) else None
 
 
+def newest_first(rows: list[dict]) -> list[dict]:
+    """``runs`` rows (``run_summary``) ordered as both ``tbhealth runs`` and the Health tab show
+    them: by start time, newest first (a status without one: its last heartbeat less its elapsed
+    time; neither: last), then by name."""
+
+    def started(row: dict) -> float:
+        if row.get("started_at") is not None:
+            return row["started_at"]
+        return (row.get("updated_at") or 0.0) - (row.get("elapsed_s") or 0.0)
+
+    return sorted(rows, key=lambda row: (-started(row), row["run"]))
+
+
 def run_summary(run: str, path: str, status: dict | None) -> dict:
     """One ``runs --json`` row; a run whose status cannot be read is listed as ``unknown``."""
     s = status or {}
