@@ -175,10 +175,6 @@ def checkpoint_impl(logdir: str | None, run: Any, name: Any) -> Path:
     return path
 
 
-def checkpoints_of(rd: runstate.RunDir) -> list[str]:
-    return [p.name for p in rd.list_checkpoints()]
-
-
 def control_impl(logdir: str | None, body: Any, read_only: bool) -> dict:
     """Queue a control request for a live run. Guards on headers/origin ran before this."""
     if read_only:

@@ -53,7 +53,3 @@ def plotly_gzipped() -> bytes:
                 _cache[PLOTLY_FILE] = data
     return data
 
-
-def clear_cache() -> None:
-    """Forget cached files (tests that edit a static file; development)."""
-    _cache.clear()

@@ -224,34 +224,30 @@ def exploding_gradients(obs: Observation, s: hs.ExplodingGradientsSettings) -> l
     return [_finding(obs, s, "exploding_gradients", what, fix, norm, limit)]
 
 
+def _per_layer(obs: Observation, s, rule: str, values: Mapping[str, float] | None, cmp: Compare,
+               threshold: float, fix: str, describe: Callable[[str, float, str], str]) -> list[Finding] | None:
+    """One finding per layer whose value passes ``cmp`` against ``threshold``; None: not measured."""
+    if values is None:
+        return None
+    return [_finding(obs, s, rule, describe(layer, v, cmp.symbol), fix, v, threshold, layer)
+            for layer, v in values.items() if _finite(v) and cmp.holds(v, threshold)]
+
+
 def vanishing_gradients(obs: Observation, s: hs.VanishingGradientsSettings) -> list[Finding] | None:
     """Default: a layer's grad norm < 1e-7. Per layer: the first layers of a deep net vanish while
     the global norm, dominated by the last layers, looks healthy."""
-    if obs.layer_grad_norms is None:
-        return None
-    cmp, out = Compare.BELOW, []
     fix = "Consider ReLU/residual connections, normalisation or a different initialisation."
-    for layer, norm in obs.layer_grad_norms.items():
-        if _finite(norm) and cmp.holds(norm, s.min_norm):
-            what = f"Layer '{layer}' has vanishing gradients: grad norm {fmt(norm)} {cmp.symbol} {fmt(s.min_norm)}"
-            out.append(_finding(obs, s, "vanishing_gradients", what, fix, norm, s.min_norm, layer))
-    return out
+    return _per_layer(obs, s, "vanishing_gradients", obs.layer_grad_norms, Compare.BELOW, s.min_norm, fix,
+                      lambda layer, norm, sym: f"Layer '{layer}' has vanishing gradients: grad norm "
+                                               f"{fmt(norm)} {sym} {fmt(s.min_norm)}")
 
 
 def dead_neurons(obs: Observation, s: hs.DeadNeuronsSettings) -> list[Finding] | None:
     """Default: > 50 % of an activation layer's units output exactly 0 for every sampled input."""
-    if obs.dead_fraction is None:
-        return None
-    cmp, out = Compare.ABOVE, []
     fix = "Consider a lower learning rate, LeakyReLU/GELU, or a different initialisation or bias."
-    for layer, frac in obs.dead_fraction.items():
-        if _finite(frac) and cmp.holds(frac, s.max_fraction):
-            what = (
-                f"Layer '{layer}' has dead units: {pct(frac)} output 0 for every sampled input "
-                f"{cmp.symbol} {pct(s.max_fraction)}"
-            )
-            out.append(_finding(obs, s, "dead_neurons", what, fix, frac, s.max_fraction, layer))
-    return out
+    return _per_layer(obs, s, "dead_neurons", obs.dead_fraction, Compare.ABOVE, s.max_fraction, fix,
+                      lambda layer, frac, sym: f"Layer '{layer}' has dead units: {pct(frac)} output 0 for "
+                                               f"every sampled input {sym} {pct(s.max_fraction)}")
 
 
 def loss_spike(obs: Observation, s: hs.LossSpikeSettings) -> list[Finding] | None:
