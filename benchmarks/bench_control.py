@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tbhealth import runstate
+from tbhealth.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SLACK_S = 0.25
@@ -74,7 +74,7 @@ def wait_until(predicate, timeout: float, what: str):
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def send(rd: runstate.RunDir, command: str) -> Sample:
+def send(rd: RunDir, command: str) -> Sample:
     t0 = time.perf_counter()
     rid = rd.request_control(command, source="bench")
     ack = rd.wait_for_ack(rid, timeout=60)  # default 50 ms polling, like the CLI
@@ -149,7 +149,7 @@ def run_workload(name: str, pairs: int, checkpoints: int, logdir: Path, seed: in
         cmd += ["--set", o]
     out = open(logdir / f"{name}.out", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    rd = runstate.RunDir(logdir / name)
+    rd = RunDir(logdir / name)
     rng = random.Random(seed)
     samples: list[Sample] = []
     try:

@@ -9,7 +9,7 @@ reporting to a real ``tbhealth.Monitor``. Variants, run interleaved in a rotatin
 * ``on 1s``: the Monitor as shipped: heartbeat thread (``_beat``: health tick, status JSON
   written atomically) and system sampler thread, each every second;
 * ``on 0.1s``: as ``on 1s`` but the heartbeat and the sampler are replaced, right after
-  ``start()``, by a ``tbhealth.heartbeat.Heartbeat(mon._beat, interval=0.1)`` and a
+  ``start()``, by a ``tbhealth.monitor.heartbeat.Heartbeat(mon._beat, interval=0.1)`` and a
   ``SystemSampler(interval=0.1)``: ten times the writing, to make its cost visible.
 
 Figures are medians over repetitions of µs per training step, wall time and the training
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from tbhealth import Monitor
-from tbhealth.heartbeat import Heartbeat
-from tbhealth.system import SystemSampler
+from tbhealth.monitor.heartbeat import Heartbeat
+from tbhealth.monitor.system import SystemSampler
 
 VARIANTS = ("bare", "off", "on 1s", "on 0.1s")
 BATCH, FEATURES, CLASSES = 64, 64, 10

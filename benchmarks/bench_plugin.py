@@ -2,7 +2,7 @@
 
     python benchmarks/bench_plugin.py [--runs 500] [--repeats 3]
 
-1. Writes ``--runs`` run directories through ``tbhealth.runstate`` (status, 50 log records and
+1. Writes ``--runs`` run directories through ``tbhealth.run`` (status, 50 log records and
    2 alerts each, like a real run's state files; no event files: these routes never read them).
 2. Times ``GET runs`` and ``GET status`` through TensorBoard's own WSGI application (the
    ``*_impl`` call plus werkzeug, JSON and gzip), targets 100 ms and 20 ms.
@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tbhealth import runstate
+from tbhealth.run.rundir import RunDir
 
 RUNS_TARGET_MS = 100.0
 STATUS_TARGET_MS = 20.0
@@ -52,7 +52,7 @@ def make_runs(logdir: Path, n: int) -> None:
     states = ["completed", "training", "paused", "failed", "stopped"]
     now = time.time()
     for i in range(n):
-        rd = runstate.RunDir(logdir / f"exp{i // 100}" / f"run-{i:04d}")
+        rd = RunDir(logdir / f"exp{i // 100}" / f"run-{i:04d}")
         metric = lambda v, d: {"value": v, "delta": d}  # noqa: E731
         rd.write_status({
             "run": f"exp{i // 100}/run-{i:04d}", "state": states[i % len(states)], "epoch": 10 + i % 90,

@@ -25,7 +25,7 @@ import tensorboard
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from tbhealth.events import EventWriter
+from tbhealth.monitor.events import EventWriter
 
 TAGS = [f"layer{i:02d}/grad_norm" for i in range(20)]
 

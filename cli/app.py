@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tbhealth_cli import board, control, inspect, train
+from tbhealth_cli import board, control, show, train
 
 app = typer.Typer(
     name="tbhealth",
@@ -17,9 +17,9 @@ app = typer.Typer(
 app.command("train", no_args_is_help=True)(train.train)
 for _name in ("pause", "resume", "stop", "checkpoint"):
     app.command(_name, no_args_is_help=True)(control.make_command(_name))
-app.command("status", no_args_is_help=True)(inspect.status)
-app.command("alerts", no_args_is_help=True)(inspect.alerts)
-app.command("runs")(inspect.runs)
+app.command("status", no_args_is_help=True)(show.status)
+app.command("alerts", no_args_is_help=True)(show.alerts)
+app.command("runs")(show.runs)
 app.command("board")(board.board)
 
 

@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from tbhealth_cli.common import DEFAULT_LOGDIR, console, err_console, fail
+from tbhealth_cli.common import DEFAULT_LOGDIR, ExitCode, console, err_console, fail
 
 RELOAD_INTERVAL_S = 2
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -85,7 +85,7 @@ def board(
     Examples: [bold]tbhealth board[/] · [bold]tbhealth board experiments/ --port 6007 --read-only[/]
     """
     if logdir.exists() and not logdir.is_dir():
-        fail(f"{os.fspath(logdir)!r} is a file, not a folder of runs", code=2, hint="Pass the folder that holds your runs.")
+        fail(f"{os.fspath(logdir)!r} is a file, not a folder of runs", code=ExitCode.USAGE, hint="Pass the folder that holds your runs.")
     if host not in LOOPBACK_HOSTS and not read_only:
         err_console.print(
             f"[yellow]Warning:[/] binding to {host!r} lets anyone who can reach it pause and stop runs; "
@@ -97,7 +97,7 @@ def board(
     try:
         code = run_child(board_args(logdir, port, host, read_only))
     except OSError as e:
-        fail(f"could not start TensorBoard: {e}", code=1, hint="Check that tensorboard is installed: pip install tensorboard")
+        fail(f"could not start TensorBoard: {e}", code=ExitCode.FAILED, hint="Check that tensorboard is installed: pip install tensorboard")
     raise typer.Exit(code)
 
 

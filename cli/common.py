@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -10,12 +11,25 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tbhealth import runstate
+from tbhealth.run.names import RunNameError, list_run_dirs, resolve_run, run_name
+
+from tbhealth.run.rundir import RunDir, STATE_SUBDIR
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 DEFAULT_LOGDIR = "runs"
+
+
+class ExitCode(IntEnum):
+    """Every exit code the commands use; the README's command table lists them."""
+
+    OK = 0
+    FAILED = 1  # training failed, a control request was rejected, a run has no status yet
+    USAGE = 2  # invalid config, arguments or run name
+    NOT_LIVE = 3  # a control request to a run that is not live
+    TIMEOUT = 4  # no acknowledgement in time
+    ABORTED = 130  # a second Ctrl-C
 
 LogdirOpt = Annotated[
     Path,
@@ -25,28 +39,28 @@ RunArg = Annotated[str, typer.Argument(help="A run directory, or a run name unde
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def fail(message: str, code: int = 1, hint: str | None = None) -> NoReturn:
+def fail(message: str, code: int = ExitCode.FAILED, hint: str | None = None) -> NoReturn:
     """Print an error (and what to do next) on stderr and exit; never a traceback."""
     err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     if hint:
         err_console.print(f"[dim]{escape(hint)}[/]", soft_wrap=True)
-    raise typer.Exit(code)
+    raise typer.Exit(int(code))
 
 
-def find_run(run: str, logdir: Path) -> runstate.RunDir:
+def find_run(run: str, logdir: Path) -> RunDir:
     """RUN as given on the command line: an existing directory wins, else a name under logdir."""
     direct = Path(run)
-    if (direct / runstate.STATE_SUBDIR).is_dir():
-        return runstate.RunDir(direct)
+    if (direct / STATE_SUBDIR).is_dir():
+        return RunDir(direct)
     try:
-        path = runstate.resolve_run(logdir, run)
-    except runstate.RunNameError as e:
-        fail(str(e), code=2)
-    rd = runstate.RunDir(path)
+        path = resolve_run(logdir, run)
+    except RunNameError as e:
+        fail(str(e), code=ExitCode.USAGE)
+    rd = RunDir(path)
     if not rd.state_dir.is_dir():
-        known = [runstate.run_name(logdir, p) for p in runstate.list_run_dirs(logdir)]
+        known = [run_name(logdir, p) for p in list_run_dirs(logdir)]
         hint = f"Runs under {logdir}: {', '.join(sorted(known)[:10])}" if known else (
             f"No runs under {os.fspath(logdir)!r}; pass --logdir or set TBHEALTH_LOGDIR."
         )
-        fail(f"no run {run!r} (looked for {direct} and {path})", code=2, hint=hint)
+        fail(f"no run {run!r} (looked for {direct} and {path})", code=ExitCode.USAGE, hint=hint)
     return rd

@@ -12,10 +12,11 @@ from typing import Annotated, Callable
 import typer
 from rich.markup import escape
 
-from tbhealth import runstate
-from tbhealth_cli.common import DEFAULT_LOGDIR, LogdirOpt, RunArg, console, fail, find_run
+from tbhealth.run.rundir import RunDir
 
-EXIT_REJECTED, EXIT_NOT_LIVE, EXIT_TIMEOUT = 1, 3, 4
+from tbhealth.run.states import is_live
+from tbhealth_cli.common import DEFAULT_LOGDIR, ExitCode, LogdirOpt, RunArg, console, fail, find_run
+
 
 SUMMARIES = {
     "pause": "Pause a live run at its next step boundary (the heartbeat goes on).",
@@ -33,27 +34,27 @@ NOT_LIVE_HINTS = {
 }
 
 
-def send(command: str, rd: runstate.RunDir, *, wait: bool, timeout: float) -> int:
+def send(command: str, rd: RunDir, *, wait: bool, timeout: float) -> int:
     """Send ``command`` to the run in ``rd``; print the outcome; return the exit code."""
     status = rd.read_status()
     state = status["state"] if status else "unknown"
-    if not runstate.is_live(state):
+    if not is_live(state):
         why = NOT_LIVE_HINTS.get(state, "it has no heartbeat yet")
-        fail(f"run {rd.path} is {state}: {command} not sent ({why}).", code=EXIT_NOT_LIVE)
+        fail(f"run {rd.path} is {state}: {command} not sent ({why}).", code=ExitCode.NOT_LIVE)
     rid = rd.request_control(command, source="cli")
     if not wait:
         console.print(f"{command} request {rid} sent to {rd.path}", markup=False, soft_wrap=True)
-        return 0
+        return ExitCode.OK
     ack = rd.wait_for_ack(rid, timeout)
     if ack is None:
         fail(f"no acknowledgement of {command} ({rid}) within {timeout:g}s; the request stays queued.",
-             code=EXIT_TIMEOUT, hint=f"Check the run with `tbhealth status {rd.path}`.")
+             code=ExitCode.TIMEOUT, hint=f"Check the run with `tbhealth status {rd.path}`.")
     if ack.get("status") != "done":
-        fail(f"{command} rejected: {ack.get('detail', 'no reason given')}", code=EXIT_REJECTED)
+        fail(f"{command} rejected: {ack.get('detail', 'no reason given')}", code=ExitCode.FAILED)
     console.print(f"[green]{command}[/]: {escape(ack.get('detail', 'done'))}", soft_wrap=True)
     if command == "checkpoint" and ack.get("path"):
         console.print(ack["path"], markup=False, highlight=False, soft_wrap=True)
-    return 0
+    return ExitCode.OK
 
 
 def make_command(command: str) -> Callable[..., None]:

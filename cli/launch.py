@@ -47,12 +47,12 @@ def worker_args(config: Path, overrides: list[str], logdir: Path | None, name: s
 def launch(config: Path, overrides: list[str], logdir: Path | None, name: str | None, resume: bool, quiet: bool,
            *, nproc_per_node: int, nnodes: str = "1", node_rank: int = 0, rdzv_endpoint: str | None = None) -> int:
     """Run the job under torch.distributed.run and return its exit code."""
-    from tbhealth_cli.common import fail
+    from tbhealth_cli.common import ExitCode, fail
 
     try:
         launcher = torchrun_args(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     except ValueError as e:
-        fail(str(e), code=2)
+        fail(str(e), code=ExitCode.USAGE)
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher,
            *worker_args(config, overrides, logdir, name, resume, quiet)]
     env = dict(os.environ)

@@ -1,7 +1,7 @@
 """Rich renderings of run status, alerts and run lists.
 
 ``format_*`` build renderables from plain dicts (the status/alert/summary shapes in
-``tbhealth.schema``) and never print; ``print_*`` show them on a console. Every reader here is
+``tbhealth.run.schema``) and never print; ``print_*`` show them on a console. Every reader here is
 defensive: a status written by an older trainer or a custom loop may lack any field, and a
 missing field shows as "—", never as a traceback. Colour carries meaning but never alone: the
 words are there too, so ``NO_COLOR`` and piped output read the same.
@@ -20,7 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from tbhealth.schema import progress_fraction
+from tbhealth.run.status import progress_fraction
 
 STATE_COLORS = {
     "training": "green",

@@ -11,9 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbhealth_cli.common import console, err_console, fail
+from tbhealth_cli.common import ExitCode, console, err_console, fail
 
-EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 1, 2, 130
 
 
 def train(
@@ -47,16 +46,16 @@ def train(
 
       [bold]tbhealth train examples/digits.yaml --nproc-per-node 2[/]
     """
-    from tbhealth.config import ConfigError, load_config
+    from tbhealth.training.config import ConfigError, load_config
 
     overrides = list(set_ or [])
     try:
         cfg = load_config(config, overrides)
-        from tbhealth import registry
+        from tbhealth.training import registry
 
         registry.check_config(cfg)
     except ConfigError as e:
-        fail(str(e), code=EXIT_USAGE, hint="Fix the config (or the --set value) and run again; see README 'Config reference'.")
+        fail(str(e), code=ExitCode.USAGE, hint="Fix the config (or the --set value) and run again; see README 'Config reference'.")
     if nproc_per_node is not None:
         from tbhealth_cli.launch import launch
 
@@ -79,60 +78,61 @@ def train(
         # finish into SIGABRT (seen with Gloo under load). Everything is flushed and closed by now.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
-    raise typer.Exit(code)
+        os._exit(int(code))
+    raise typer.Exit(int(code))
 
 
 def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool) -> int:
     """Build and run a Trainer; returns the exit code. Under torchrun, every worker runs this."""
-    from tbhealth import runstate
-    from tbhealth.config import ConfigError
+    from tbhealth.run.names import RunNameError, resolve_run, unique_run_dir
+    from tbhealth.run.rundir import RunDir
+    from tbhealth.training.config import ConfigError
 
     logdir = Path(logdir or cfg.logdir or "runs")
     name = name or cfg.name or config_path.stem
     try:
-        runstate.resolve_run(logdir, name)
-    except runstate.RunNameError as e:
-        fail(f"--name: {e}", code=EXIT_USAGE)
-    from tbhealth.checkpoint import CheckpointManager
+        resolve_run(logdir, name)
+    except RunNameError as e:
+        fail(f"--name: {e}", code=ExitCode.USAGE)
+    from tbhealth.training.checkpoint import CheckpointManager
 
-    if resume and CheckpointManager(runstate.RunDir(logdir / name)).latest() is None:
-        fail(f"--resume: no checkpoint in {logdir / name}/checkpoints to resume from.", code=EXIT_USAGE,
+    if resume and CheckpointManager(RunDir(logdir / name)).latest() is None:
+        fail(f"--resume: no checkpoint in {logdir / name}/checkpoints to resume from.", code=ExitCode.USAGE,
              hint="Start it without --resume, or name an existing run with --name.")
     from tbhealth import distributed
 
     dist = distributed.init_from_env(cfg.device) if distributed.launched_by_torchrun() else None
     created = not resume and (dist is None or dist.is_main)
-    run_dir = runstate.unique_run_dir(logdir, name) if created else logdir / name
+    run_dir = unique_run_dir(logdir, name) if created else logdir / name
     if dist is not None:  # rank 0 picked the (unique) directory; everyone uses it
         run_dir = Path(dist.broadcast(str(run_dir)))
-    from tbhealth.trainer import Trainer
+    from tbhealth.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg, run_dir, resume=resume, verbose=not quiet, dist=dist)
     except ConfigError as e:
         _discard(run_dir, created)
-        fail(str(e), code=EXIT_USAGE)
+        fail(str(e), code=ExitCode.USAGE)
     except Exception as e:  # the user's data or model factory failed
         _discard(run_dir, created)
-        fail(f"could not set up training: {type(e).__name__}: {e}", code=EXIT_FAILED)
+        fail(f"could not set up training: {type(e).__name__}: {e}", code=ExitCode.FAILED)
     clean = False
     try:
         state = trainer.fit()
         clean = True
     except KeyboardInterrupt:
         err_console.print("[red]Aborted[/] by a second interrupt; no checkpoint written for the current step.")
-        return EXIT_ABORTED
+        return ExitCode.ABORTED
     except Exception as e:
         log = trainer.run.log_path
-        fail(f"training failed: {type(e).__name__}: {e}", code=EXIT_FAILED,
+        fail(f"training failed: {type(e).__name__}: {e}", code=ExitCode.FAILED,
              hint=f"The traceback is in {log}; the run's state is 'failed'.")
     finally:
         if dist is not None:
             distributed.shutdown(dist, clean=clean)
     if trainer.monitor.is_writer and not quiet:
         print_summary(trainer, state, logdir)
-    return 0
+    return ExitCode.OK
 
 
 def print_summary(trainer, state: str, logdir: Path) -> None:

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tbhealth
-from tbhealth.checkpoint import save_atomic  # temp file + rename: never a half-written checkpoint
-from tbhealth.data import digits
+from tbhealth.training.checkpoint import save_atomic  # temp file + rename: never a half-written checkpoint
+from tbhealth.training.data import digits
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--logdir", default="runs")

@@ -1,7 +1,7 @@
 """What each Health-tab route answers, as pure functions of the logdir and the parsed request.
 
 The werkzeug handlers in ``plugin.py`` only parse requests and serialise answers; everything a
-test wants to check lives here and reads run state through ``tbhealth.runstate`` alone. A bad
+test wants to check lives here and reads run state through ``tbhealth.run`` alone. A bad
 request raises ``ApiError`` with the HTTP status and a message that says what to fix.
 """
 
@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tbhealth import runstate, schema
+from tbhealth.run.files import file_size, read_records
+
+from tbhealth.run.names import RunNameError, list_run_dirs, resolve_run, run_name
+
+from tbhealth.run.rundir import RunDir
+
+from tbhealth.run.states import COMMANDS, UNRESPONSIVE, is_live
+
+from tbhealth.run.status import json_safe, newest_first, progress_fraction, public_alert, public_status, run_summary
 
 #: Newest log records sent when a client starts from offset 0 on a long log.
 MAX_LOG_RECORDS = 1000
@@ -33,7 +41,7 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------- request parsing
 
 
-def open_run(logdir: str | None, run: Any) -> tuple[runstate.RunDir, str]:
+def open_run(logdir: str | None, run: Any) -> tuple[RunDir, str]:
     """The run's directory and canonical name; 400 for a name that could leave the logdir, 404
     when no tbhealth run lives there."""
     if not logdir:
@@ -43,13 +51,13 @@ def open_run(logdir: str | None, run: Any) -> tuple[runstate.RunDir, str]:
     if not isinstance(run, str):
         raise ApiError(400, "parameter 'run' must be a string")
     try:
-        path = runstate.resolve_run(logdir, run)
-    except runstate.RunNameError as e:
+        path = resolve_run(logdir, run)
+    except RunNameError as e:
         raise ApiError(400, str(e)) from None
-    rd = runstate.RunDir(path)
+    rd = RunDir(path)
     if not rd.exists():
         raise ApiError(404, f"no tbhealth run {run!r} under the logdir")
-    return rd, runstate.run_name(logdir, path)
+    return rd, run_name(logdir, path)
 
 
 def parse_offset(value: str | None, name: str) -> int:
@@ -65,30 +73,30 @@ def parse_offset(value: str | None, name: str) -> int:
 
 
 def summarize(name: str, path: str, status: dict) -> dict:
-    """One row of the overview; the same fields as ``tbhealth runs --json`` (``schema.run_summary``)
+    """One row of the overview; the same fields as ``tbhealth runs --json`` (``run_summary``)
     plus ``reported_state``, which explains an ``unresponsive`` run."""
-    row = schema.run_summary(name, path, status)
+    row = run_summary(name, path, status)
     row["reported_state"] = status.get("reported_state")
     return row
 
 
-_run_dirs: dict[Path, runstate.RunDir] = {}
+_run_dirs: dict[Path, RunDir] = {}
 
 
-def _run_dir(path: Path) -> runstate.RunDir:
+def _run_dir(path: Path) -> RunDir:
     """``RunDir(path)``, kept: building its nine paths for 500 runs on every poll costs ~30 ms."""
     rd = _run_dirs.get(path)
     if rd is None:
         if len(_run_dirs) > 20_000:
             _run_dirs.clear()
-        rd = _run_dirs[path] = runstate.RunDir(path)
+        rd = _run_dirs[path] = RunDir(path)
     return rd
 
 
 def runs_impl(logdir: str | None, now: float | None = None) -> dict:
     """Every tbhealth run under the logdir, newest first. Reads one status file per run.
 
-    Names are the paths relative to the logdir, as ``runstate.run_name`` gives them; computed
+    Names are the paths relative to the logdir, as ``run_name`` gives them; computed
     without its symlink resolution because ``list_run_dirs`` never follows symlinks (twice as
     fast with hundreds of runs).
     """
@@ -97,11 +105,11 @@ def runs_impl(logdir: str | None, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     root = Path(logdir)
     rows = []
-    for path in runstate.list_run_dirs(root):
+    for path in list_run_dirs(root):
         status = _run_dir(path).read_status(now)
         if status is not None:
             rows.append(summarize(path.relative_to(root).as_posix(), str(path), status))
-    return {"runs": schema.newest_first(rows), "server_time": now}
+    return {"runs": newest_first(rows), "server_time": now}
 
 
 def status_impl(logdir: str | None, run: Any, now: float | None = None) -> dict:
@@ -112,8 +120,8 @@ def status_impl(logdir: str | None, run: Any, now: float | None = None) -> dict:
     status = rd.read_status(now)
     if status is None:
         raise ApiError(404, f"run {name!r} has no readable status yet; retry in a moment")
-    out = schema.public_status(status, name)
-    out["progress"] = schema.progress_fraction(status)
+    out = public_status(status, name)
+    out["progress"] = progress_fraction(status)
     out["server_time"] = now
     return out
 
@@ -129,15 +137,15 @@ def alerts_impl(logdir: str | None, run: Any, after: int = 0) -> dict:
     comes back with ``resolved: true``). A cursor past the end (a replaced file) starts over.
     """
     rd, _ = open_run(logdir, run)
-    size = runstate.file_size(rd.alerts_path)
+    size = file_size(rd.alerts_path)
     if after > size:
         after = 0
-    records, cursor = runstate.read_records(rd.alerts_path, after)
+    records, cursor = read_records(rd.alerts_path, after)
     changed = {r.get("id") for r in records if "_malformed" not in r}
     if not changed:
         return {"alerts": [], "cursor": cursor}
     merged = [a for a in rd.read_alerts() if a.get("id") in changed]
-    return {"alerts": [schema.public_alert(a) for a in merged], "cursor": cursor}
+    return {"alerts": [public_alert(a) for a in merged], "cursor": cursor}
 
 
 def logs_impl(logdir: str | None, run: Any, offset: int = 0) -> dict:
@@ -147,12 +155,12 @@ def logs_impl(logdir: str | None, run: Any, offset: int = 0) -> dict:
     many were left out): the page shows a tail, not days of history.
     """
     rd, _ = open_run(logdir, run)
-    if offset > runstate.file_size(rd.log_path):
+    if offset > file_size(rd.log_path):
         offset = 0
     records, new_offset = rd.read_log(offset)
     skipped = max(0, len(records) - MAX_LOG_RECORDS)
     records = records[skipped:]
-    records = [schema.json_safe({k: v for k, v in r.items() if k != "v"}) for r in records]
+    records = [json_safe({k: v for k, v in r.items() if k != "v"}) for r in records]
     return {"records": records, "offset": new_offset, "skipped": skipped}
 
 
@@ -182,22 +190,22 @@ def control_impl(logdir: str | None, body: Any, read_only: bool) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, 'body must be a JSON object like {"run": "r1", "command": "pause"}')
     command = body.get("command")
-    if command not in runstate.COMMANDS:
-        raise ApiError(400, f"unknown command {str(command)[:40]!r}; allowed: {', '.join(runstate.COMMANDS)}")
+    if command not in COMMANDS:
+        raise ApiError(400, f"unknown command {str(command)[:40]!r}; allowed: {', '.join(COMMANDS)}")
     rd, name = open_run(logdir, body.get("run"))
     status = rd.read_status()
     state = status["state"] if status else "unknown"
-    if not runstate.is_live(state):
+    if not is_live(state):
         raise ApiError(
             409,
             f"run {name!r} is {state}: only a starting, training or paused run can {command}"
-            + ("; its trainer stopped sending heartbeats" if state == runstate.UNRESPONSIVE else ""),
+            + ("; its trainer stopped sending heartbeats" if state == UNRESPONSIVE else ""),
         )
     rid = rd.request_control(command, source="tensorboard")
     return {"id": rid, "run": name, "command": command}
 
 
-def _checkpoint_name(rd: runstate.RunDir, ack: dict) -> str | None:
+def _checkpoint_name(rd: RunDir, ack: dict) -> str | None:
     for key in ("checkpoint", "file", "path"):
         value = ack.get(key)
         if isinstance(value, str) and value:
@@ -227,7 +235,7 @@ def ack_impl(logdir: str | None, run: Any, request_id: Any) -> dict:
         raise ApiError(404, f"run {name!r} has no control request {request_id!r}")
     status = rd.read_status()
     state = status["state"] if status else "unknown"
-    if not runstate.is_live(state):
+    if not is_live(state):
         return {"id": request_id, "status": "rejected", "detail": f"the run is {state} and did not acknowledge the request"}
     return {"id": request_id, "status": "pending", "detail": ""}
 

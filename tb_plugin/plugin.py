@@ -23,7 +23,8 @@ from werkzeug import wrappers, wsgi
 logger = logging.getLogger(__name__)
 
 try:  # a broken install must hide the tab, not stop TensorBoard (an ImportError here would)
-    from tbhealth import runstate
+    from tbhealth.run.names import list_run_dirs
+    from tbhealth.run.states import COMMANDS, STALE_AFTER_S
     from tbhealth_plugin import api, assets, guards, scalars
 except Exception as _e:  # noqa: BLE001
     IMPORT_ERROR: Exception | None = _e
@@ -161,7 +162,7 @@ class HealthPlugin(base_plugin.TBPlugin):
             return active
         with self._active_lock:
             try:
-                active = bool(runstate.list_run_dirs(self._logdir))
+                active = bool(list_run_dirs(self._logdir))
             except Exception:
                 logger.warning("tbhealth: could not scan the logdir", exc_info=True)
                 active = False
@@ -260,8 +261,8 @@ class HealthPlugin(base_plugin.TBPlugin):
         return self._json(request, {
             "read_only": self._read_only,
             "reload_interval_s": self._reload_interval,
-            "stale_after_s": runstate.STALE_AFTER_S,
-            "commands": list(runstate.COMMANDS),
+            "stale_after_s": STALE_AFTER_S,
+            "commands": list(COMMANDS),
             "logdir_set": bool(self._logdir),
         })
 

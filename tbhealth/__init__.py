@@ -1,7 +1,7 @@
 """tbhealth: real-time health monitoring and control for PyTorch training, inside TensorBoard.
 
 The public names are imported lazily (PEP 562) so that light users of the package, the
-TensorBoard plugin above all, can import ``tbhealth.runstate`` without importing torch.
+TensorBoard plugin above all, can import ``tbhealth.run`` without importing torch.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Monitor": "tbhealth.monitor",
-    "Config": "tbhealth.config",
-    "load_config": "tbhealth.config",
-    "ConfigError": "tbhealth.config",
-    "Trainer": "tbhealth.trainer",
-    "RunDir": "tbhealth.runstate",
+    "Config": "tbhealth.training.config",
+    "load_config": "tbhealth.training.config",
+    "ConfigError": "tbhealth.training.config",
+    "Trainer": "tbhealth.training.trainer",
+    "RunDir": "tbhealth.run.rundir",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -33,7 +33,7 @@ def mlp_with_dead_layer(in_features: int = 64, out_features: int = 10, hidden: t
                         dead: str = "fc2", bias: float = -10.0) -> nn.Module:
     """The built-in MLP with layer ``dead``'s bias pushed to ``bias``: its pre-activations are
     negative for every input, so the ReLU after it outputs exactly 0 and no gradient revives it."""
-    from tbhealth.models import MLP
+    from tbhealth.training.models import MLP
 
     model = MLP(in_features, out_features, hidden=list(hidden))
     with torch.no_grad():
@@ -46,7 +46,7 @@ def few_digits(n_train: int = 50, val_fraction: float = 0.2, seed: int | None = 
     share): a large model memorises them while validation accuracy stays far behind."""
     from torch.utils.data import TensorDataset
 
-    from tbhealth.data import digits
+    from tbhealth.training.data import digits
 
     train, val = digits(val_fraction=val_fraction, seed=seed)
     small = TensorDataset(*(t[:n_train] for t in train.tensors))
@@ -57,7 +57,7 @@ def few_digits(n_train: int = 50, val_fraction: float = 0.2, seed: int | None = 
 def xor_quadrants(n_samples: int = 1024, val_fraction: float = 0.25, seed: int | None = 0):
     """Points uniform in [-1, 1]², class 1 where x·y > 0 (XOR of the signs). No straight line
     separates the classes, so a linear model stays at chance (loss ≈ ln 2 ≈ 0.69, accuracy ≈ 50 %)."""
-    from tbhealth.data import split
+    from tbhealth.training.data import split
 
     g = torch.Generator().manual_seed(0 if seed is None else seed)
     x = torch.rand(n_samples, 2, generator=g) * 2 - 1

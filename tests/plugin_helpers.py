@@ -18,7 +18,7 @@ from tensorboard.backend import application
 from tensorboard.plugins.core import core_plugin
 from werkzeug.test import Client
 
-from tbhealth import runstate
+from tbhealth.run.rundir import RunDir
 from tbhealth_plugin.guards import REQUEST_HEADER
 from tbhealth_plugin.plugin import HealthLoader
 
@@ -76,7 +76,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 def wait_for_state(logdir: Path, name: str, states: tuple[str, ...], timeout: float = 120) -> dict:
-    rd = runstate.RunDir(logdir / name)
+    rd = RunDir(logdir / name)
 
     def check():
         s = rd.read_status()
@@ -107,7 +107,7 @@ def finished_runs(tmp_path_factory) -> Path:
         p2 = start_training(logdir, "r2", *FINISHED_R2)
         for name, proc in (("r1", p1), ("r2", p2)):
             out, _ = proc.communicate(timeout=300)
-            state = (runstate.RunDir(logdir / name).read_status() or {}).get("state")
+            state = (RunDir(logdir / name).read_status() or {}).get("state")
             assert proc.returncode == 0 and state in ("completed", "stopped"), (
                 f"training {name} exited {proc.returncode} in state {state}:\n{out}")
         _shared["finished"] = logdir
@@ -129,7 +129,7 @@ def start_live(logdir: Path, name: str, *overrides: str) -> subprocess.Popen:
 
 def control_and_wait(logdir: Path, name: str, command: str, timeout: float = 120) -> dict:
     """Send ``command`` the way the CLI does and return the trainer's acknowledgement."""
-    rd = runstate.RunDir(logdir / name)
+    rd = RunDir(logdir / name)
     rid = rd.request_control(command, source="test")
     ack = rd.wait_for_ack(rid, timeout)
     assert ack is not None, f"no acknowledgement of {command} from {name} in {timeout}s"
@@ -140,7 +140,7 @@ def end_live(proc: subprocess.Popen, logdir: Path, name: str, timeout: float = 6
     """Stop a live run through its control channel (killing it only if that fails)."""
     if proc.poll() is None:
         try:
-            runstate.RunDir(logdir / name).request_control("stop", source="test")
+            RunDir(logdir / name).request_control("stop", source="test")
             proc.wait(timeout)
         except Exception:
             proc.kill()

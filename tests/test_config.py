@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tbhealth.config import (
+from tbhealth.training.config import (
     Config, ConfigError, apply_overrides, config_from_dict, dump_config, load_config,
 )
 
@@ -229,6 +229,6 @@ def test_importing_config_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, tbhealth.config; print('torch' in sys.modules)"
+    code = "import sys, tbhealth.training.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

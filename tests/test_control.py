@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tbhealth import runstate
+from tbhealth.run.files import read_records
+
+from tbhealth.run.rundir import RunDir
+
+from tbhealth.run.states import STALE_AFTER_S
 from tests.plugin_helpers import REPO, start_training, tbhealth_exe, wait_for, wait_for_state
 
 pytestmark = pytest.mark.slow
@@ -31,7 +34,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 def status(run: Path) -> dict:
-    return runstate.RunDir(run).read_status()
+    return RunDir(run).read_status()
 
 
 def step_of(run: Path) -> int:
@@ -94,7 +97,7 @@ def test_stop_exits_zero_with_checkpoint(live):
     s = status(run)
     assert s["state"] == "stopped"
     assert (run / "checkpoints" / "last.pt").is_file()
-    ack = next(iter(runstate.RunDir(run).read_acks().values()))
+    ack = next(iter(RunDir(run).read_acks().values()))
     assert ack["checkpoint"] == "last.pt"
 
 
@@ -118,12 +121,12 @@ def test_concurrent_requests_each_acknowledged_once_in_order(live):
     with ThreadPoolExecutor(4) as pool:
         codes = [c for batch in pool.map(sender, range(4)) for c in batch]
     assert codes == [0] * 20
-    rd = runstate.RunDir(run)
+    rd = RunDir(run)
     requests, _ = rd.read_control(0)
     assert len(requests) == 20
     wait_for(lambda: len(rd.read_acks()) >= 20, 30, "20 acknowledgements")
     time.sleep(0.5)
-    acks, _ = runstate.read_records(rd.acks_path)
+    acks, _ = read_records(rd.acks_path)
     ids = [a["id"] for a in acks]
     assert sorted(ids) == sorted(r.id for r in requests) and len(set(ids)) == 20
     assert ids == [r.id for r in requests], "acknowledged in the order the requests were written"
@@ -142,7 +145,7 @@ def test_concurrent_requests_each_acknowledged_once_in_order(live):
 
 def test_malformed_requests_are_rejected_and_training_goes_on(live):
     proc, run = live()
-    rd = runstate.RunDir(run)
+    rd = RunDir(run)
     with open(rd.control_path, "a") as f:
         f.write("this is not json\n")
         f.write(json.dumps({"id": "x1", "command": "explode"}) + "\n")
@@ -160,7 +163,7 @@ def test_kill_9_reads_as_unresponsive(live):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     s = wait_for(lambda: (st := status(run)) and st["state"] == "unresponsive" and st,
-                 runstate.STALE_AFTER_S + 5, "unresponsive")
+                 STALE_AFTER_S + 5, "unresponsive")
     assert s["reported_state"] == "training"
     r = cli("status", str(run), "--json")
     assert json.loads(r.stdout)["state"] == "unresponsive"
@@ -178,7 +181,7 @@ def test_finished_run_refuses_control(tmp_path):
         r = cli(command, "done", "--logdir", str(tmp_path))
         assert r.returncode == 3, (command, r.stdout, r.stderr)
         assert "completed" in r.stderr and "Traceback" not in r.stderr
-    assert not runstate.RunDir(run).control_path.exists(), "nothing was queued"
+    assert not RunDir(run).control_path.exists(), "nothing was queued"
 
 
 def test_model_that_raises_fails_with_traceback_in_log(tmp_path):
@@ -190,7 +193,7 @@ def test_model_that_raises_fails_with_traceback_in_log(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "training failed" in r.stderr and "RuntimeError" in r.stderr
     assert "Traceback" not in r.stderr, "the terminal gets a message; the log gets the traceback"
-    rd = runstate.RunDir(tmp_path / "boom")
+    rd = RunDir(tmp_path / "boom")
     assert rd.read_status()["state"] == "failed"
     records, _ = rd.read_log()
     errors = [r["message"] for r in records if r["level"] == "ERROR"]

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tbhealth import registry
-from tbhealth.config import ConfigError, config_from_dict, load_config
-from tbhealth.data import digits, synthetic_classification, synthetic_regression
-from tbhealth.models import CNN, MLP
+from tbhealth.training import registry
+from tbhealth.training.config import ConfigError, config_from_dict, load_config
+from tbhealth.training.data import digits, synthetic_classification, synthetic_regression
+from tbhealth.training.models import CNN, MLP
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -202,7 +202,7 @@ def test_user_factories_get_only_what_they_ask_for(user_module):
 
 def test_import_paths_find_modules_in_the_working_directory(tmp_path, monkeypatch):
     """The ``tbhealth`` script does not put the working directory on sys.path; the registry does."""
-    (tmp_path / "cwd_only_data.py").write_text("from tbhealth.data import digits as make\n")
+    (tmp_path / "cwd_only_data.py").write_text("from tbhealth.training.data import digits as make\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
     bundle = registry.build_data(config_from_dict({"data": {"source": "cwd_only_data:make"}}))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tbhealth import runstate
-from tbhealth.config import load_config
-from tbhealth.registry import build_data, build_loss, build_model
+from tbhealth.run.rundir import RunDir
+from tbhealth.training.config import load_config
+from tbhealth.training.registry import build_data, build_loss, build_model
 from tests.plugin_helpers import DIGITS, REPO, tbhealth_exe, wait_for, wait_for_state
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def events(run_dir: Path) -> EventAccumulator:
 
 def rank_ends(run_dir: Path) -> dict[int, str]:
     """What each rank logged about where it ended: ``{rank: "stopped at step N"}``."""
-    records, _ = runstate.RunDir(run_dir).read_log()
+    records, _ = RunDir(run_dir).read_log()
     return {r["rank"]: r["message"].split(" ", 2)[2] for r in records
             if "rank" in r and r["message"].startswith("rank ") and " at step " in r["message"]}
 
@@ -55,7 +55,7 @@ def test_two_processes_one_set_of_events_and_exact_validation(tmp_path):
     acc = events(run_dir)
     for tag in ("train/loss", "val/loss", "val/acc", "lr"):
         assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3]
-    status = runstate.RunDir(run_dir).read_status()
+    status = RunDir(run_dir).read_status()
     assert status["state"] == "completed" and status["world_size"] == 2
     assert [r["rank"] for r in status["ranks"]] == [0, 1]
     assert rank_ends(run_dir) == {0: "completed at step 36", 1: "completed at step 36"}
@@ -80,21 +80,21 @@ def test_stop_and_pause_reach_every_rank_at_the_same_step(tmp_path):
     run_dir = tmp_path / "live"
     try:
         wait_for_state(tmp_path, "live", ("training",), timeout=120)
-        wait_for(lambda: runstate.RunDir(run_dir).read_status()["global_step"] > 20, 60, "steps")
+        wait_for(lambda: RunDir(run_dir).read_status()["global_step"] > 20, 60, "steps")
         r = run([tbhealth_exe(), "pause", str(run_dir)])
         assert r.returncode == 0, r.stderr
         held = wait_for_state(tmp_path, "live", ("paused",), timeout=20)["global_step"]
         time.sleep(1.5)
-        assert runstate.RunDir(run_dir).read_status()["global_step"] == held
+        assert RunDir(run_dir).read_status()["global_step"] == held
         assert run([tbhealth_exe(), "resume", str(run_dir)]).returncode == 0
-        wait_for(lambda: runstate.RunDir(run_dir).read_status()["global_step"] > held, 30, "steps after resume")
+        wait_for(lambda: RunDir(run_dir).read_status()["global_step"] > held, 30, "steps after resume")
         r = run([tbhealth_exe(), "stop", str(run_dir)])
         assert r.returncode == 0, r.stderr
         assert proc.wait(120) == 0, proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    status = runstate.RunDir(run_dir).read_status()
+    status = RunDir(run_dir).read_status()
     assert status["state"] == "stopped"
     ends = rank_ends(run_dir)
     assert set(ends) == {0, 1} and ends[0] == ends[1] == f"stopped at step {status['global_step']}"
@@ -105,10 +105,10 @@ def test_nan_on_rank_1_raises_divergence_naming_rank_1(tmp_path):
     r = run(train_cmd(tmp_path, "nan", "epochs=2", "model.source=tests.ddp_factories:nan_on_rank",
                       "model.kwargs={}", "logging.every_steps=1", "health.divergence.action=stop"))
     assert r.returncode == 0, r.stdout + r.stderr
-    alerts = runstate.RunDir(tmp_path / "nan").read_alerts()
+    alerts = RunDir(tmp_path / "nan").read_alerts()
     first = alerts[0]
     assert first["rule"] == "divergence" and first["rank"] == 1 and "[rank 1]" in first["message"]
-    assert runstate.RunDir(tmp_path / "nan").read_status()["state"] == "stopped"
+    assert RunDir(tmp_path / "nan").read_status()["state"] == "stopped"
     assert set(rank_ends(tmp_path / "nan")) == {0, 1}
 
 
@@ -118,7 +118,7 @@ def test_crash_on_rank_1_fails_without_hanging(tmp_path):
                       "model.kwargs={}"), timeout=180)
     assert r.returncode != 0
     assert time.monotonic() - started < 150
-    rd = runstate.RunDir(tmp_path / "crash")
+    rd = RunDir(tmp_path / "crash")
     status = wait_for(lambda: (s := rd.read_status()) and s["state"] == "failed" and s, 20, "failed state")
     assert "rank 1" in status["message"] and "deliberate failure on rank 1" in status["message"]
     records, _ = rd.read_log()
@@ -135,5 +135,5 @@ def test_resume_a_two_process_checkpoint(tmp_path, nproc):
     assert [e.step for e in acc.Scalars("val/acc")] == [1, 2, 3, 4]
     steps = [e.step for e in acc.Scalars("step/loss")]
     assert steps == sorted(set(steps))
-    status = runstate.RunDir(tmp_path / "rs").read_status()
+    status = RunDir(tmp_path / "rs").read_status()
     assert status["state"] == "completed" and status["world_size"] == nproc

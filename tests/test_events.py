@@ -25,7 +25,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c a
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from tbhealth.events import EventWriter, masked_crc32c
+from tbhealth.monitor.events import EventWriter, masked_crc32c
 
 LAYOUT = {
     "Loss": {"loss": ["train/loss", "val/loss"]},
@@ -68,7 +68,7 @@ def test_masked_crc_matches_tensorboard(size):
 
 
 def test_crc32c_check_value():
-    from tbhealth.events import _crc32c
+    from tbhealth.monitor.events import _crc32c
 
     assert _crc32c(b"123456789") == 0xE3069283  # the published CRC-32C check value
 
@@ -205,7 +205,7 @@ def test_bad_value_is_logged_once_and_writing_goes_on(tmp_path, caplog):
     writer.scalars(1, {"x": object()})
     writer.scalars(2, {"x": 3.0})
     writer.close()
-    errors = [r for r in caplog.records if r.name == "tbhealth.events"]
+    errors = [r for r in caplog.records if r.name == "tbhealth.monitor.events"]
     assert len(errors) == 1 and "could not encode" in errors[0].getMessage()
     assert [e.step for e in accumulate(tmp_path).Scalars("x")] == [2]
 

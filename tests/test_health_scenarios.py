@@ -21,7 +21,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from tbhealth import runstate
+from tbhealth.run.rundir import RunDir
 from tbhealth_cli.app import app
 from tests.plugin_helpers import REPO, start_training, tbhealth_exe, train, wait_for_state
 
@@ -38,7 +38,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def train_here(logdir: Path, name: str, config: Path, *overrides: str) -> runstate.RunDir:
+def train_here(logdir: Path, name: str, config: Path, *overrides: str) -> RunDir:
     """``tbhealth train CONFIG --logdir LOGDIR --name NAME --set ...`` in this process."""
     args = ["train", str(config), "--logdir", str(logdir), "--name", name, "--quiet"]
     for o in overrides:
@@ -46,7 +46,7 @@ def train_here(logdir: Path, name: str, config: Path, *overrides: str) -> runsta
     result = CliRunner().invoke(app, args)
     where = f"tbhealth {' '.join(args)} exited {result.exit_code}"
     assert result.exit_code == 0, f"{where}:\n{result.output}\n{result.exception!r}"
-    return runstate.RunDir(logdir / name)
+    return RunDir(logdir / name)
 
 
 def write_config(path: Path, **sections) -> Path:
@@ -70,11 +70,11 @@ UNDERFIT = {"epochs": 12, "data": {"source": "tests.factories:xor_quadrants", "b
             "model": {"source": "mlp", "kwargs": {"hidden": []}}, "optimizer": {"name": "Adam", "lr": 0.05}}
 
 
-def by_rule(run: runstate.RunDir, rule: str) -> list[dict]:
+def by_rule(run: RunDir, rule: str) -> list[dict]:
     return [a for a in run.read_alerts() if a["rule"] == rule]
 
 
-def scalar_at(run: runstate.RunDir, tag: str, step: int) -> float:
+def scalar_at(run: RunDir, tag: str, step: int) -> float:
     acc = EventAccumulator(str(run.path), size_guidance={"scalars": 0})
     acc.Reload()
     [value] = [e.value for e in acc.Scalars(tag) if e.step == step]
@@ -103,7 +103,7 @@ def test_far_too_high_learning_rate_diverges_and_stops_with_a_checkpoint(tmp_pat
     assert status["state"] == "stopped" and "divergence" in status["message"]
     assert status["global_step"] == alert["step"], "stopped at the step boundary where it fired"
     assert status["interventions"]["stops"] == 1
-    [ckpt] = runstate.RunDir(tmp_path / "diverge").list_checkpoints()
+    [ckpt] = RunDir(tmp_path / "diverge").list_checkpoints()
     assert ckpt.name == "last.pt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == alert["step"]
 
@@ -163,7 +163,7 @@ def test_pause_action_pauses_and_resume_does_not_repause_the_same_episode(tmp_pa
         status = wait_for_state(logdir, "dead", ("paused", "completed", "stopped", "failed"), timeout=90)
         assert status["state"] == "paused", out.read_text()
         assert proc.poll() is None, "a paused run waits, it does not exit"
-        run = runstate.RunDir(logdir / "dead")
+        run = RunDir(logdir / "dead")
         [alert] = by_rule(run, "dead_neurons")
         assert alert["layer"] == "act2" and alert["action"] == "pause"
         resume = subprocess.run([tbhealth_exe(), "resume", "dead", "--logdir", str(logdir)],

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tbhealth.health import HealthConfig, Instruments, Observation, evaluate
+from tbhealth.health import HealthConfig, Observation, evaluate
+from tbhealth.instruments import Instruments
 
 
 class Net(nn.Module):

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tbhealth
-from tbhealth import runstate
-from tbhealth.data import digits
+from tbhealth.run.rundir import RunDir
+from tbhealth.training.data import digits
 from tests.plugin_helpers import REPO, control_and_wait, tbhealth_exe, wait_for_state
 
 CUSTOM_LOOP = REPO / "examples" / "custom_loop.py"
@@ -64,7 +64,7 @@ def test_custom_loop_example_writes_a_complete_run(tmp_path):
     proc = subprocess.run([sys.executable, str(CUSTOM_LOOP), "--logdir", str(tmp_path), "--epochs", "3"],
                           capture_output=True, text=True, timeout=180, cwd=REPO, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    run = runstate.RunDir(tmp_path / "custom-loop")
+    run = RunDir(tmp_path / "custom-loop")
     s = run.read_status()
     assert (s["state"], s["epoch"], s["total_epochs"]) == ("completed", 3, 3)
     assert s["metrics"]["val_acc"]["value"] > 0.85 and s["batches_per_epoch"] == 23
@@ -100,7 +100,7 @@ def test_custom_loop_example_obeys_checkpoint_and_stop(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    s = runstate.RunDir(tmp_path / "custom-loop").read_status()
+    s = RunDir(tmp_path / "custom-loop").read_status()
     assert s["state"] == "stopped" and s["interventions"]["checkpoints"] == 1, s
 
 
@@ -165,7 +165,7 @@ def test_hooks_exist_only_around_sampled_steps(tmp_path, data):
         armed = run_loop(mon, model, data)
     assert armed[:6] == [False, True, False, False, True, False]  # armed before steps 3, 6, ...
     assert not has_hooks(model)
-    assert runstate.RunDir(mon.run_dir).read_status()["state"] == "completed"
+    assert RunDir(mon.run_dir).read_status()["state"] == "completed"
 
 
 @pytest.mark.parametrize("ending, kwargs",
@@ -178,7 +178,7 @@ def test_no_hook_is_left_on_the_model_however_the_run_ends(tmp_path, data, endin
             armed = run_loop(mon, model, data, **kwargs)
             assert all(armed)
     assert not has_hooks(model)
-    assert runstate.RunDir(mon.run_dir).read_status()["state"] == ending
+    assert RunDir(mon.run_dir).read_status()["state"] == ending
 
 
 def test_monitor_without_health_checks(tmp_path, data):
@@ -186,7 +186,7 @@ def test_monitor_without_health_checks(tmp_path, data):
     with make_monitor(tmp_path, "nohealth", model, health=False, log_every=5) as mon:
         armed = run_loop(mon, model, data)
     assert mon.health is None and not any(armed)
-    rd = runstate.RunDir(mon.run_dir)
+    rd = RunDir(mon.run_dir)
     s = rd.read_status()
     assert s["state"] == "completed" and s["alerts_active"] == 0 and s["health_score"] == 100
     tags = set(scalar_tags(rd.path).Tags()["scalars"])

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from tbhealth import runstate
+from tbhealth.run.rundir import RunDir
 from tests.plugin_helpers import (
     REPO, end_live, finished_runs, start_live, start_tensorboard, stop_process, wait_for, wait_for_listing,
     free_port,
@@ -125,7 +125,7 @@ def test_overview_shows_the_live_and_the_finished_runs(board, browser_page):
 def test_alert_banners_and_remembered_dismissal(board, browser_page):
     page, _ = browser_page
     f = frame(page)
-    alerts = runstate.RunDir(board["logdir"] / "r2").read_alerts()
+    alerts = RunDir(board["logdir"] / "r2").read_alerts()
     active = [a for a in alerts if not a.get("resolved")]
     assert active, "r2 trains with a learning rate of 5 and should end with an active alert"
     row(page, "r2").locator(tid("run-link")).click()
@@ -142,7 +142,7 @@ def test_alert_banners_and_remembered_dismissal(board, browser_page):
     page.reload()
     with evidence(page, "reload"):
         row(page, "r2").locator(tid("run-link")).click()
-        s = runstate.RunDir(board["logdir"] / "r2").read_status()
+        s = RunDir(board["logdir"] / "r2").read_status()
         epoch = f"{s['epoch']}/{s['total_epochs']}"
         wait_for(lambda: f.locator(tid("status-epoch")).inner_text() == epoch, 30, "r2 status after reload")
     page.wait_for_timeout(500)
@@ -202,7 +202,7 @@ def test_pause_then_resume(board, browser_page):
     f.locator(f'{tid("control-outcome")}[data-status="done"]').wait_for(timeout=T)
     assert f.locator(tid("control-outcome")).inner_text().startswith("pause done")
     wait_for(lambda: badge_state(f.locator(tid("run-state"))) == "paused", 30, "paused badge")
-    assert runstate.RunDir(board["logdir"] / "live").read_status()["state"] == "paused"
+    assert RunDir(board["logdir"] / "live").read_status()["state"] == "paused"
     assert f.locator(tid("btn-pause")).is_hidden() and f.locator(tid("btn-resume")).is_visible()
     f.locator(tid("btn-resume")).click()
     wait_for(lambda: f.locator(tid("control-outcome")).inner_text().startswith("resume done"), 60, "resume ack")
@@ -217,7 +217,7 @@ def test_save_checkpoint_offers_a_working_download(board, browser_page):
     link.wait_for(timeout=T)
     href = link.get_attribute("href")
     name = re.search(r"name=([^&]+)", href).group(1)
-    on_disk = runstate.RunDir(board["logdir"] / "live").checkpoint_file(name)
+    on_disk = RunDir(board["logdir"] / "live").checkpoint_file(name)
     assert on_disk is not None
     response = page.request.get(f"http://localhost:{board['port']}/data/plugin/tbhealth/{href}")
     assert response.status == 200 and len(response.body()) == on_disk.stat().st_size > 0

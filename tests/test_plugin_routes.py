@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tbhealth import runstate
+from tbhealth.run.rundir import RunDir
 from tbhealth_plugin import api, scalars
 from tbhealth_plugin.plugin import HealthLoader, HealthPlugin
 from tests.plugin_helpers import (
@@ -49,7 +49,7 @@ def test_plugin_module_imports_no_torch():
 
 def test_a_broken_install_hides_the_tab_instead_of_stopping_tensorboard():
     code = (
-        "import sys; sys.modules['tbhealth.runstate'] = None\n"  # importing it now raises ImportError
+        "import sys; sys.modules['tbhealth.run.rundir'] = None\n"  # importing it now raises ImportError
         "import tbhealth_plugin.plugin as p\n"
         "from tensorboard.plugins import base_plugin\n"
         "assert p.IMPORT_ERROR is not None\n"
@@ -102,7 +102,7 @@ def test_runs_lists_both_finished_runs_newest_first(logdir, client):
     names = [r["run"] for r in data["runs"]]
     assert names.index("r2") < names.index("r1")  # r2 started later
     r1 = next(r for r in data["runs"] if r["run"] == "r1")
-    status = runstate.RunDir(logdir / "r1").read_status()
+    status = RunDir(logdir / "r1").read_status()
     assert r1["state"] == "completed" and r1["epoch"] == 3 and r1["total_epochs"] == 3
     assert r1["progress"] == 1.0
     assert r1["val_loss"] == pytest.approx(status["metrics"]["val_loss"]["value"])
@@ -115,7 +115,7 @@ def test_runs_lists_both_finished_runs_newest_first(logdir, client):
 
 
 def status_of(logdir, name):
-    return runstate.RunDir(logdir / name).read_status()
+    return RunDir(logdir / name).read_status()
 
 
 def test_status_is_the_status_file_with_run_name_and_server_clock(logdir, client):
@@ -149,7 +149,7 @@ def test_alerts_come_in_the_design_shape_and_then_only_as_deltas(logdir, tmp_pat
                                 "threshold", "resolved"]
     assert api.alerts_impl(str(run), "r2", first["cursor"]) == {"alerts": [], "cursor": first["cursor"]}
     target = next((a for a in first["alerts"] if not a["resolved"]), first["alerts"][0])
-    runstate.RunDir(run / "r2").append_alert({"id": target["id"], "resolved": True, "time": time.time()})
+    RunDir(run / "r2").append_alert({"id": target["id"], "resolved": True, "time": time.time()})
     delta = api.alerts_impl(str(run), "r2", first["cursor"])
     assert [a["id"] for a in delta["alerts"]] == [target["id"]]
     assert delta["alerts"][0]["resolved"] is True and delta["alerts"][0]["message"] == target["message"]
@@ -225,7 +225,7 @@ def test_scalars_of_an_unknown_run_is_404(client):
 
 
 def test_checkpoint_download_streams_the_file(logdir, client):
-    path = runstate.RunDir(logdir / "r1").checkpoint_file("last.pt")
+    path = RunDir(logdir / "r1").checkpoint_file("last.pt")
     r = get(client, "/checkpoint", run="r1", name="last.pt")
     assert r.status_code == 200 and r.get_data() == path.read_bytes()
     assert r.headers["Content-Disposition"] == 'attachment; filename="last.pt"'
@@ -235,7 +235,7 @@ def test_checkpoint_download_streams_the_file(logdir, client):
 
 
 def test_control_of_a_finished_run_is_409_and_writes_nothing(logdir, client):
-    rd = runstate.RunDir(logdir / "r1")
+    rd = RunDir(logdir / "r1")
     before = rd.control_size()
     r = post_control(client, {"run": "r1", "command": "pause"})
     assert r.status_code == 409 and "completed" in r.get_json()["error"]

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from tbhealth import runstate
+from tbhealth.run.rundir import RunDir
 from tbhealth_plugin import api, guards
 from tests.plugin_helpers import (
     CONTROL_HEADERS, PREFIX, control_and_wait, end_live, finished_runs, make_app, post_control, start_live,
@@ -141,7 +141,7 @@ def refused(status, fragment, body=GOOD, headers=None, raw=None, method="POST"):
 ])
 def test_hostile_control_requests_write_nothing(live, status, fragment, body, headers, raw, method):
     client = make_app(live)
-    rd = runstate.RunDir(live / "live")
+    rd = RunDir(live / "live")
     before = rd.control_size()
     if method == "POST":
         r = post_control(client, body, headers=headers, raw=raw)
@@ -154,7 +154,7 @@ def test_hostile_control_requests_write_nothing(live, status, fragment, body, he
 
 def test_read_only_mode_refuses_control(live):
     client = make_app(live, "--tbhealth_read_only")
-    rd = runstate.RunDir(live / "live")
+    rd = RunDir(live / "live")
     before = rd.control_size()
     r = post_control(client, GOOD)
     assert r.status_code == 403 and "read_only" in r.get_json()["error"]
@@ -174,7 +174,7 @@ def test_read_only_mode_refuses_control(live):
 def test_well_formed_requests_are_accepted(live, headers):
     """The counterpart of the refusals: the same live run takes a proper request (one line written)."""
     client = make_app(live)
-    rd = runstate.RunDir(live / "live")
+    rd = RunDir(live / "live")
     before = rd.control_size()
     r = post_control(client, {"run": "live", "command": "pause"}, headers=headers)  # paused: acked 'rejected', harmless
     assert r.status_code == 200, r.get_data(as_text=True)

@@ -1,4 +1,4 @@
-"""``status``, ``alerts`` and ``runs --json`` of real trainings, checked against tbhealth.schema.
+"""``status``, ``alerts`` and ``runs --json`` of real trainings, checked against tbhealth.run.schema.
 
 Three real ``tbhealth train`` processes per session: ``fin`` (4 short epochs, its status sampled
 while it trains, for the ETA), ``div`` (a learning rate that diverges, stopped by its health
@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tbhealth import runstate
-from tbhealth.heartbeat import Progress, build_status
-from tbhealth.schema import validate_alert, validate_run_summary, validate_status
+from tbhealth.run.files import read_json
+
+from tbhealth.run.rundir import RunDir, STATE_SUBDIR
+from tbhealth.monitor.progress import Progress
+from tbhealth.run.status import build_status
+from tbhealth.run.schema import validate_alert, validate_run_summary, validate_status
 from tests.plugin_helpers import REPO, end_live, start_live, start_training, tbhealth_exe, wait_for, wait_for_state
 
 slow = pytest.mark.slow
@@ -40,7 +43,7 @@ def cli_json(*args: str):
     return json.loads(r.stdout)
 
 
-def sample(rd: runstate.RunDir, seconds: float | None = None, until=None, every: float = 0.02) -> list[dict]:
+def sample(rd: RunDir, seconds: float | None = None, until=None, every: float = 0.02) -> list[dict]:
     """Each distinct status write seen while polling every ``every`` s (the files a reader gets)."""
     seen: list[dict] = []
     deadline = time.monotonic() + (seconds if seconds is not None else 300)
@@ -57,7 +60,7 @@ def beat_gaps(samples: list[dict]) -> list[float]:
     return [b - a for a, b in zip(t, t[1:])]
 
 
-def log_levels(rd: runstate.RunDir) -> tuple[int, int]:
+def log_levels(rd: RunDir) -> tuple[int, int]:
     records, _ = rd.read_log()
     return sum(r["level"] == "WARNING" for r in records), sum(r["level"] == "ERROR" for r in records)
 
@@ -73,7 +76,7 @@ def finished(logdir) -> list[dict]:
     div = start_training(logdir, "div", *DIV, output=logdir.parent / "div.out")
     fin = start_training(logdir, "fin", *FIN, output=logdir.parent / "fin.out")
     try:
-        samples = sample(runstate.RunDir(logdir / "fin"), until=lambda: fin.poll() is not None)
+        samples = sample(RunDir(logdir / "fin"), until=lambda: fin.poll() is not None)
         for name, proc in (("fin", fin), ("div", div)):
             assert proc.wait(240) == 0, f"{name} exited {proc.returncode}:\n{(logdir.parent / f'{name}.out').read_text()}"
     finally:
@@ -88,7 +91,7 @@ def finished(logdir) -> list[dict]:
 def live(logdir):
     """A run that trains (epochs=100000) until ``test_stop_then_status`` stops it."""
     proc = start_live(logdir, "live", "logging.every_steps=5")
-    rd = runstate.RunDir(logdir / "live")
+    rd = RunDir(logdir / "live")
     try:
         wait_for(lambda: rd.read_status()["epochs_done"] >= 1, 120, "live run's first epoch")
     except BaseException:
@@ -129,7 +132,7 @@ def test_status_json_of_a_completed_run(logdir, finished):
     assert s["metrics"]["val_acc"]["value"] > 0.8, "digits learns in a few epochs"
     assert s["elapsed_s"] > 0 and s["interventions"] == {"pauses": 0, "resumes": 0, "stops": 0, "checkpoints": 0}
     # the file the trainer wrote has the same shape as the command's output
-    validate_status(runstate.read_json(logdir / "fin" / runstate.STATE_SUBDIR / "status.json"))
+    validate_status(read_json(logdir / "fin" / STATE_SUBDIR / "status.json"))
 
 
 @slow
@@ -177,7 +180,7 @@ def test_alerts_json_of_a_diverging_run(logdir, finished):
     assert s["state"] == "stopped" and s["eta_s"] is None
     assert s["alerts_active"] == sum(not a["resolved"] for a in alerts) >= 1
     assert s["health_score"] < 100
-    warnings, errors = log_levels(runstate.RunDir(logdir / "div"))
+    warnings, errors = log_levels(RunDir(logdir / "div"))
     assert errors >= 1, "a divergence is logged as an error"
     assert s["log_counts"] == {"warnings": warnings, "errors": errors}
 

@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from tbhealth.schema import validate_status
-from tbhealth.system import SystemProbe, SystemSampler, nvml_target, sample_once, system_scalars
+from tbhealth.run.schema import validate_status
+from tbhealth.monitor.system import SystemProbe, SystemSampler, nvml_target, sample_once, system_scalars
 
 TAGS = {
     "system/cpu_percent", "system/ram_used_gb", "system/disk_read_mbps", "system/disk_write_mbps",
@@ -150,7 +150,7 @@ def test_nvml_target_refuses_an_invisible_index():
 
 def test_sampler_never_imports_torch_nor_initialises_cuda():
     code = (
-        "import sys, tbhealth.system as s\n"
+        "import sys, tbhealth.monitor.system as s\n"
         "s.sample_once(window=0)\n"
         "assert 'torch' not in sys.modules, 'sampler imported torch'\n"
         "import torch\n"

@@ -14,7 +14,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tbhealth import runstate
+from tbhealth.run.names import unique_run_dir
+
+from tbhealth.run.rundir import RunDir
 from tests.plugin_helpers import (
     DIGITS, REPO, free_port, start_tensorboard, stop_process, tbhealth_exe, train, wait_for, wait_for_listing,
 )
@@ -41,19 +43,19 @@ def default_run(tmp_path_factory):
 def test_default_example_reaches_95_percent(default_run):
     logdir, run, proc, seconds = default_run
     cfg = yaml.safe_load((REPO / "examples" / "digits.yaml").read_text())
-    s = runstate.RunDir(run).read_status()
+    s = RunDir(run).read_status()
     assert s["state"] == "completed"
     assert s["epoch"] == cfg["epochs"] and s["metrics"]["val_acc"]["value"] >= 0.95
     assert seconds < 120, f"default example took {seconds:.0f}s"
     assert "Run completed" in proc.stdout and f"tbhealth board {logdir}" in proc.stdout
     assert (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text())["epochs"] == cfg["epochs"]
-    assert not runstate.RunDir(run).read_alerts(), "the default example raises no alert"
+    assert not RunDir(run).read_alerts(), "the default example raises no alert"
 
 
 @pytest.mark.slow
 def test_event_files_hold_one_point_per_epoch(default_run):
     logdir, run, _, _ = default_run
-    epochs = runstate.RunDir(run).read_status()["total_epochs"]
+    epochs = RunDir(run).read_status()["total_epochs"]
     acc = scalars(run)
     tags = set(acc.Tags()["scalars"])
     assert set(EPOCH_TAGS) <= tags and {"step/loss", "step/grad_norm"} <= tags
@@ -80,7 +82,7 @@ def test_event_files_load_in_a_real_tensorboard(default_run):
         wait_for(lambda: "digits" in fetch("/data/runs"), 60, "run listed")
         q = urllib.parse.urlencode({"run": "digits", "tag": "val/acc"})
         points = wait_for(lambda: fetch(f"/data/plugin/scalars/scalars?{q}"), 60, "val/acc served")
-        epochs = runstate.RunDir(run).read_status()["total_epochs"]
+        epochs = RunDir(run).read_status()["total_epochs"]
         assert [p[1] for p in points] == list(range(1, epochs + 1))
         assert points[-1][2] >= 0.95
         layout = fetch("/data/plugin/custom_scalars/layout")
@@ -108,7 +110,7 @@ def test_resume_continues_without_duplicate_or_missing_steps(tmp_path):
     every = yaml.safe_load(DIGITS.read_text())["logging"]["every_steps"]
     assert all(b - a == every for a, b in zip(steps, steps[1:])), "no missing step"
     assert any(s > last_step for s in steps)
-    s = runstate.RunDir(tmp_path / "r").read_status()
+    s = RunDir(tmp_path / "r").read_status()
     assert s["state"] == "completed" and s["epoch"] == 5 and len(s["metrics"]) == 5
 
 
@@ -125,8 +127,8 @@ def test_same_seed_same_curves(tmp_path):
 
 
 def test_run_names_are_made_unique(tmp_path):
-    a = runstate.unique_run_dir(tmp_path, "x")
-    b = runstate.unique_run_dir(tmp_path, "x")
+    a = unique_run_dir(tmp_path, "x")
+    b = unique_run_dir(tmp_path, "x")
     assert (a.name, b.name) == ("x", "x-2")
 
 
@@ -147,14 +149,14 @@ def test_mid_epoch_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
     partial sums travel in the checkpoint (dropout off: the DataLoader draws from the global RNG
     when it starts an epoch's iterator, which a resume does at a different point).
     """
-    from tbhealth.config import load_config
-    from tbhealth.trainer import Trainer
+    from tbhealth.training.config import load_config
+    from tbhealth.training.trainer import Trainer
 
     cfg = load_config(DIGITS, ["epochs=3", "model.kwargs.dropout=0.0", "health.enabled=false"])
-    whole = Trainer(cfg, runstate.unique_run_dir(tmp_path, "whole"), verbose=False)
+    whole = Trainer(cfg, unique_run_dir(tmp_path, "whole"), verbose=False)
     assert whole.fit() == "completed"
 
-    parted = Trainer(cfg, runstate.unique_run_dir(tmp_path, "parted"), verbose=False)
+    parted = Trainer(cfg, unique_run_dir(tmp_path, "parted"), verbose=False)
     mon = parted.monitor
     parted.model.register_forward_hook(
         lambda *_: mon.request_stop("test") if mon.global_step == 30 and mon.model.training else None)

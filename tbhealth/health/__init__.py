@@ -1,53 +1,36 @@
-"""The health engine: pure rules and alert lifecycle, plus torch instruments that feed them.
+"""The health engine: pure rules and the alert lifecycle. No I/O, no torch.
 
-``rules``, ``alerts`` and ``settings`` import no torch; ``Instruments`` (torch) is imported
-lazily on first use, so config validation and the CLI stay light.
+``ids`` names the rules, ``settings`` holds their thresholds and actions (the config's
+``health:`` section), ``rules`` turns an :class:`Observation` into findings, and ``alerts``
+turns successive rounds of findings into alert episodes. The torch side that measures a model
+lives in :mod:`tbhealth.instruments`. Names are imported on first use (PEP 562), so reading
+``tbhealth.health.ids`` costs no pydantic import.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from tbhealth.health.alerts import AlertTracker, health_score
-from tbhealth.health.rules import (
-    RULES,
-    SEVERITY,
-    Compare,
-    EpochMetrics,
-    Finding,
-    Observation,
-    check,
-    check_all,
-    episode_key,
-    evaluate,
-)
-from tbhealth.health.settings import ACTIONS, RULE_IDS, Action, HealthConfig, RuleSettings
+_LAZY = {
+    "RuleId": "ids", "RULE_IDS": "ids", "SEVERITIES": "ids", "severity_of": "ids",
+    "ACTIONS": "settings", "Action": "settings", "HealthConfig": "settings", "RuleSettings": "settings",
+    "RULES": "rules", "Compare": "rules", "EpochMetrics": "rules", "Finding": "rules", "Observation": "rules",
+    "check": "rules", "check_all": "rules", "episode_key": "rules", "evaluate": "rules",
+    "AlertTracker": "alerts", "health_score": "alerts",
+}
 
-__all__ = [
-    "ACTIONS",
-    "RULES",
-    "RULE_IDS",
-    "SEVERITY",
-    "Action",
-    "AlertTracker",
-    "Compare",
-    "EpochMetrics",
-    "Finding",
-    "HealthConfig",
-    "Instruments",
-    "Observation",
-    "RuleSettings",
-    "check",
-    "check_all",
-    "episode_key",
-    "evaluate",
-    "health_score",
-]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Instruments":
-        from tbhealth.health.instruments import Instruments
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tbhealth.health' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tbhealth.health.{module}"), name)
+    globals()[name] = value
+    return value
 
-        return Instruments
-    raise AttributeError(f"module 'tbhealth.health' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return __all__

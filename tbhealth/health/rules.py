@@ -22,7 +22,8 @@ from enum import Enum
 from statistics import median
 
 from tbhealth.health import settings as hs
-from tbhealth.health.settings import RULE_IDS, HealthConfig, RuleSettings
+from tbhealth.health.ids import RuleId, severity_of
+from tbhealth.health.settings import HealthConfig, RuleSettings
 
 
 class Compare(Enum):
@@ -40,7 +41,6 @@ class Compare(Enum):
         return self.value[0]
 
 
-SEVERITY: dict[str, str] = {r: "critical" if r in ("divergence", "memory") else "warning" for r in RULE_IDS}
 _NEXT = {"warn": "Training continues", "pause": "Pausing training", "stop": "Stopping training"}
 
 
@@ -128,7 +128,7 @@ def _finding(
     prefix = f"[rank {obs.rank}] " if obs.rank is not None else ""
     nxt = f"{_NEXT[s.action]} (health.{rule}.action: {s.action})."
     message = f"{prefix}{what}. {fix} {nxt}"
-    return Finding(rule, SEVERITY[rule], message, value, threshold, layer, s.action, obs.rank)
+    return Finding(rule, severity_of(rule), message, value, threshold, layer, s.action, obs.rank)
 
 
 def _epochs_since_best(values: Sequence[float], min_delta: float) -> tuple[int, float]:
@@ -373,12 +373,21 @@ def stalled(obs: Observation, s: hs.StalledSettings) -> list[Finding] | None:
     return [_finding(obs, s, "stalled", what, fix, idle, s.timeout_s)]
 
 
-#: Rule id -> rule function, in priority order (the order of ``RULE_IDS``).
+#: Rule id -> rule function, in priority order (the order of ``RuleId``).
 RULES: dict[str, Callable[[Observation, RuleSettings], list[Finding] | None]] = {
-    rule.__name__: rule
-    for rule in (divergence, memory, exploding_gradients, vanishing_gradients, dead_neurons, loss_spike)
-    + (overfitting, underfitting, plateau, stalled)
+    RuleId.DIVERGENCE.value: divergence,
+    RuleId.MEMORY.value: memory,
+    RuleId.EXPLODING_GRADIENTS.value: exploding_gradients,
+    RuleId.VANISHING_GRADIENTS.value: vanishing_gradients,
+    RuleId.DEAD_NEURONS.value: dead_neurons,
+    RuleId.LOSS_SPIKE.value: loss_spike,
+    RuleId.OVERFITTING.value: overfitting,
+    RuleId.UNDERFITTING.value: underfitting,
+    RuleId.PLATEAU.value: plateau,
+    RuleId.STALLED.value: stalled,
 }
+if tuple(RULES) != tuple(r.value for r in RuleId):  # pragma: no cover - a rule added to one table only
+    raise ImportError("tbhealth.health.rules.RULES is out of step with RuleId")
 
 
 def check(obs: Observation, cfg: HealthConfig) -> tuple[list[Finding], set[str]]:

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from tbhealth.health.ids import RULE_IDS
+
 Action = Literal["warn", "pause", "stop"]
 ACTIONS: tuple[str, ...] = ("warn", "pause", "stop")
 
@@ -191,18 +193,3 @@ class HealthConfig(_Strict):
     def history_len(self) -> int:
         """How many recent step losses / grad norms a caller must keep for the windowed rules."""
         return max(self.loss_spike.window, self.exploding_gradients.window) + 1
-
-
-#: Every rule id, in the priority order the engine evaluates and reports them.
-RULE_IDS: tuple[str, ...] = (
-    "divergence",
-    "memory",
-    "exploding_gradients",
-    "vanishing_gradients",
-    "dead_neurons",
-    "loss_spike",
-    "overfitting",
-    "underfitting",
-    "plateau",
-    "stalled",
-)

@@ -33,9 +33,9 @@ import torch
 from torch.optim import lr_scheduler
 from torch.utils.data import Dataset
 
-from tbhealth.config import Config, ConfigError, Problem, did_you_mean
-from tbhealth.data import count_classes
-from tbhealth.models import FunctionLoss
+from tbhealth.training.config import Config, ConfigError, Problem, did_you_mean
+from tbhealth.training.data import count_classes
+from tbhealth.training.models import FunctionLoss
 
 __all__ = [
     "DATA_BUILTINS", "MODEL_BUILTINS", "DataBundle", "FunctionLoss", "build_data", "build_loss", "build_model",
@@ -44,11 +44,11 @@ __all__ = [
 ]
 
 DATA_BUILTINS = {
-    "digits": "tbhealth.data:digits",
-    "synthetic_classification": "tbhealth.data:synthetic_classification",
-    "synthetic_regression": "tbhealth.data:synthetic_regression",
+    "digits": "tbhealth.training.data:digits",
+    "synthetic_classification": "tbhealth.training.data:synthetic_classification",
+    "synthetic_regression": "tbhealth.training.data:synthetic_regression",
 }
-MODEL_BUILTINS = {"mlp": "tbhealth.models:MLP", "cnn": "tbhealth.models:CNN"}
+MODEL_BUILTINS = {"mlp": "tbhealth.training.models:MLP", "cnn": "tbhealth.training.models:CNN"}
 _MODEL_INFERRED = ("input_shape", "in_features", "in_channels", "out_features", "num_classes")
 
 

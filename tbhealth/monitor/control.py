@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from tbhealth.runstate import ControlRequest, RunDir
+from tbhealth.run.rundir import ControlRequest, RunDir
 
 
 class ControlChannel:

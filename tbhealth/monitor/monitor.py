@@ -15,7 +15,7 @@ Cost on the training thread (see benchmarks/): ``step()`` appends the loss tenso
 does a few integer and time checks (~10 µs). Every ``log_every`` steps it sums the listed losses
 on the device and reads the loss, the running sum and the gradient norm back in ONE transfer
 (the only host-device sync) and queues one event. Health instruments exist only on sampled
-steps. Control requests, pausing and stopping live in :mod:`tbhealth.steering`; the heartbeat,
+steps. Control requests, pausing and stopping live in :mod:`tbhealth.monitor.controller`; the heartbeat,
 system sampling and event writing run on background threads.
 """
 
@@ -32,13 +32,19 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from tbhealth import runstate
-from tbhealth.control import ControlChannel
+from tbhealth.run.names import unique_run_dir
+
+from tbhealth.run.rundir import RunDir
+
+from tbhealth.run.states import FINAL_STATES
+from tbhealth.monitor.control import ControlChannel
 from tbhealth.distributed import CONTROL_SYNC_EVERY, DistContext
-from tbhealth.events import EventWriter
-from tbhealth.heartbeat import Heartbeat, Progress, build_status
-from tbhealth.reporter import Reporter
-from tbhealth.steering import Steering
+from tbhealth.monitor.events import EventWriter
+from tbhealth.monitor.heartbeat import Heartbeat
+from tbhealth.monitor.progress import Progress
+from tbhealth.run.status import build_status
+from tbhealth.monitor.reporter import Reporter
+from tbhealth.monitor.controller import Steering
 
 CUSTOM_SCALARS = {
     "Training": {
@@ -77,8 +83,8 @@ class Monitor(Steering):
         dist: DistContext | None = None,
     ):
         if run_dir is None:
-            run_dir = runstate.unique_run_dir(logdir, name or time.strftime("run-%Y%m%d-%H%M%S"))
-        self.run = runstate.RunDir(run_dir)
+            run_dir = unique_run_dir(logdir, name or time.strftime("run-%Y%m%d-%H%M%S"))
+        self.run = RunDir(run_dir)
         self.run_dir = self.run.path
         self.model, self.optimizer, self.checkpoint_fn = model, optimizer, checkpoint_fn
         self.log_every = max(1, int(log_every))
@@ -161,7 +167,7 @@ class Monitor(Steering):
         if stale:
             self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
         if self._want_system:
-            from tbhealth.system import SystemSampler
+            from tbhealth.monitor.system import SystemSampler
 
             self.system = SystemSampler(interval=1.0, gpu_index=self._gpu_index())
             self.system.start()
@@ -503,7 +509,7 @@ class Monitor(Steering):
             health_score=health.score(self.progress.warnings, self.progress.errors) if health is not None else 100,
             extra={"run_dir": str(self.run_dir), **({"ranks": self._ranks} if self._ranks else {})},
         )
-        if self.dist and status["state"] not in runstate.FINAL_STATES:
+        if self.dist and status["state"] not in FINAL_STATES:
             failures = self.run.rank_failures()
             if failures:  # a peer crashed while this rank may be blocked in a collective
                 status["state"], status["message"] = "failed", failures[0]["message"]
@@ -511,12 +517,12 @@ class Monitor(Steering):
             if self._final_written:  # a late heartbeat must not turn "completed" back into "training"
                 return
             self.run.write_status(status)
-            self._final_written = status["state"] in runstate.FINAL_STATES
+            self._final_written = status["state"] in FINAL_STATES
 
     def _make_health(self):
         if self._health_settings is False:
             return None
-        from tbhealth.healthcheck import HealthWatch
+        from tbhealth.instruments.watch import HealthWatch
 
         state = (self._resume_state or {}).get("health")
         return HealthWatch(self._health_settings, model=self.model, state=state)

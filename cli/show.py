@@ -1,8 +1,8 @@
 """Read-only commands: ``status``, ``alerts`` and ``runs``.
 
-They only read run state through ``tbhealth.runstate``, so they are safe to run at any time,
+They only read run state through ``tbhealth.run``, so they are safe to run at any time,
 from any number of shells, against live or finished runs. ``--json`` output has the shapes in
-``tbhealth.schema`` and is strict JSON (no bare NaN), one document on stdout.
+``tbhealth.run.schema`` and is strict JSON (no bare NaN), one document on stdout.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Annotated, Any
 
 import typer
 
-from tbhealth import runstate
-from tbhealth.schema import newest_first, public_alert, public_status, run_summary
+from tbhealth.run.names import list_run_dirs, run_name
+
+from tbhealth.run.rundir import RunDir
+from tbhealth.run.status import newest_first, public_alert, public_status, run_summary
 from tbhealth_cli import render
-from tbhealth_cli.common import DEFAULT_LOGDIR, JsonOpt, LogdirOpt, RunArg, console, fail, find_run
+from tbhealth_cli.common import DEFAULT_LOGDIR, ExitCode, JsonOpt, LogdirOpt, RunArg, console, fail, find_run
 
 LogdirArg = Annotated[
     Path,
@@ -33,18 +35,18 @@ def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, allow_nan=False))
 
 
-def _display_name(rd: runstate.RunDir, logdir: Path) -> str:
+def _display_name(rd: RunDir, logdir: Path) -> str:
     """The run's name under ``logdir``, or its path when it lives elsewhere."""
-    name = runstate.run_name(logdir, rd.path)
+    name = run_name(logdir, rd.path)
     return os.fspath(rd.path) if name == ".." or name.startswith("../") else name
 
 
-def _read_status(rd: runstate.RunDir, name: str) -> dict:
+def _read_status(rd: RunDir, name: str) -> dict:
     status = rd.read_status()
     if status is None:
         fail(
             f"run {name!r} has no readable status file yet ({rd.status_path})",
-            code=1,
+            code=ExitCode.FAILED,
             hint="A starting run writes it within a few seconds; try again shortly. "
             f"If it never appears, the trainer died early: its log is {rd.log_path}.",
         )
@@ -82,8 +84,8 @@ def alerts(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt
 def collect_runs(logdir: Path) -> list[dict]:
     """Summaries of every run under ``logdir``, newest first (start time, else last heartbeat)."""
     return newest_first([
-        run_summary(runstate.run_name(logdir, path), os.fspath(path), runstate.RunDir(path).read_status())
-        for path in runstate.list_run_dirs(logdir)
+        run_summary(run_name(logdir, path), os.fspath(path), RunDir(path).read_status())
+        for path in list_run_dirs(logdir)
     ])
 
 
@@ -95,7 +97,7 @@ def runs(logdir: LogdirArg = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> No
     if not logdir.is_dir():
         fail(
             f"no folder {os.fspath(logdir)!r}",
-            code=2,
+            code=ExitCode.USAGE,
             hint="Pass the folder your runs are in (tbhealth runs PATH) or set TBHEALTH_LOGDIR.",
         )
     summaries = collect_runs(logdir)

@@ -15,7 +15,7 @@ from collections import deque
 import torch
 
 from tbhealth.health.alerts import AlertTracker, health_score
-from tbhealth.health.instruments import Instruments
+from tbhealth.instruments.probes import Instruments
 from tbhealth.health.rules import EpochMetrics, Observation, check_all
 from tbhealth.health.settings import HealthConfig
 

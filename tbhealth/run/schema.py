@@ -24,28 +24,22 @@ Conventions, decided here once:
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal, Union
 
 import annotated_types as at
 from typing_extensions import NotRequired, TypedDict
 
-from tbhealth.runstate import STATES, UNRESPONSIVE
+from tbhealth.health.ids import SEVERITIES
+from tbhealth.run.states import READ_STATES
 
 __all__ = [
     "Status", "Metric", "Metrics", "System", "Gpu", "Interventions", "LogCounts", "RankInfo", "Alert",
-    "RunSummary", "SchemaError", "SEVERITIES", "READ_STATES",
-    "validate_status", "validate_alert", "validate_run_summary",
-    "public_status", "public_alert", "run_summary", "progress_fraction", "json_safe",
+    "RunSummary", "SchemaError", "validate_status", "validate_alert", "validate_run_summary",
 ]
 
 #: States a reader can report: the trainer's own, plus ``unresponsive`` for a stale heartbeat.
-READ_STATES = (*STATES, UNRESPONSIVE)
-SEVERITIES = ("info", "warning", "critical")
-
-State = Literal["starting", "training", "paused", "stopping", "stopped", "completed", "failed", "unresponsive"]
-if set(State.__args__) != set(READ_STATES):  # pragma: no cover - guards a runstate change
-    raise ImportError("tbhealth.schema.State is out of step with runstate.STATES")
+State = Literal[READ_STATES]  # type: ignore[valid-type]
+Severity = Literal[SEVERITIES]  # type: ignore[valid-type]
 
 NonFinite = Literal["NaN", "Infinity", "-Infinity"]
 Real = Union[float, NonFinite]  # strict float accepts ints too
@@ -160,7 +154,7 @@ class Status(TypedDict):
     host: NotRequired[str]
     #: Added by readers: the state the trainer wrote, kept when ``state`` became ``unresponsive``.
     reported_state: NotRequired[State]
-    #: The file's format version (``runstate.FORMAT_VERSION``); command output leaves it out.
+    #: The file's format version (``tbhealth.run.files.FORMAT_VERSION``); command output leaves it out.
     v: NotRequired[int]
 
 
@@ -170,7 +164,7 @@ class Alert(TypedDict):
     __pydantic_config__ = _OPEN  # type: ignore[misc]
     id: str
     rule: str
-    severity: Literal["info", "warning", "critical"]
+    severity: Severity
     message: str
     epoch: Count | None
     step: Count | None
@@ -248,103 +242,3 @@ def validate_alert(obj: Any) -> dict:
 
 def validate_run_summary(obj: Any) -> dict:
     return _validate(RunSummary, obj)
-
-
-# --------------------------------------------------------------------------- building output
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats spelled as strings, so ``json.dumps(allow_nan=False)`` works."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def public_status(status: dict, run: str) -> dict:
-    """What ``status --json`` prints: the status as read, named ``run``, without the file version.
-
-    ``run`` is the name the CLI resolved (relative to the logdir), so it can be passed back to
-    any other command; ``reported_state`` stays because it explains an ``unresponsive`` state.
-    """
-    out = {k: v for k, v in status.items() if k != "v"}
-    out["run"] = run
-    return json_safe(out)
-
-
-_ALERT_KEYS = ("id", "rule", "severity", "message", "epoch", "step", "time", "layer", "value", "threshold", "resolved")
-
-
-def public_alert(alert: dict) -> dict:
-    """An alert record in the documented key order; absent keys become ``None`` (``resolved``: False)."""
-    out = {k: alert.get(k) for k in _ALERT_KEYS}
-    out["resolved"] = bool(alert.get("resolved", False))
-    out.update({k: v for k, v in alert.items() if k not in out and k != "v"})
-    return json_safe(out)
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
-def _count(x: Any) -> int | None:
-    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
-
-
-def progress_fraction(status: dict) -> float | None:
-    """Share of the planned work done, 0..1, from epoch/batch counts; None when unknown."""
-    if status.get("state") == "completed":
-        return 1.0
-    epoch, total = _count(status.get("epoch")), _count(status.get("total_epochs"))
-    if epoch is None or not total:
-        return None
-    done_epochs = max(0, min(epoch, total) - 1) if epoch else 0
-    per_epoch = _count(status.get("batches_per_epoch"))
-    batch = _count(status.get("batch")) or 0
-    within = min(1.0, batch / per_epoch) if per_epoch and epoch else 0.0
-    return max(0.0, min(1.0, (done_epochs + within) / total))
-
-
-def _metric_value(status: dict, name: str) -> Any:
-    metric = (status.get("metrics") or {}).get(name)
-    return metric.get("value") if isinstance(metric, dict) else None
-
-
-def newest_first(rows: list[dict]) -> list[dict]:
-    """``runs`` rows (``run_summary``) ordered as both ``tbhealth runs`` and the Health tab show
-    them: by start time, newest first (a status without one: its last heartbeat less its elapsed
-    time; neither: last), then by name."""
-
-    def started(row: dict) -> float:
-        if row.get("started_at") is not None:
-            return row["started_at"]
-        return (row.get("updated_at") or 0.0) - (row.get("elapsed_s") or 0.0)
-
-    return sorted(rows, key=lambda row: (-started(row), row["run"]))
-
-
-def run_summary(run: str, path: str, status: dict | None) -> dict:
-    """One ``runs --json`` row; a run whose status cannot be read is listed as ``unknown``."""
-    s = status or {}
-    started = _num(s.get("started_at"))
-    return json_safe({
-        "run": run,
-        "path": path,
-        "state": s.get("state", "unknown") if status else "unknown",
-        "epoch": _count(s.get("epoch")),
-        "total_epochs": _count(s.get("total_epochs")),
-        "batch": _count(s.get("batch")),
-        "batches_per_epoch": _count(s.get("batches_per_epoch")),
-        "progress": progress_fraction(s) if status else None,
-        "elapsed_s": _num(s.get("elapsed_s")),
-        "eta_s": _num(s.get("eta_s")),
-        "started_at": started,
-        "updated_at": _num(s.get("updated_at")),
-        "val_loss": _num(_metric_value(s, "val_loss")),
-        "val_acc": _num(_metric_value(s, "val_acc")),
-        "alerts_active": _count(s.get("alerts_active")),
-        "health_score": _num(s.get("health_score")),
-    })

@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from tbhealth import runstate
+from tbhealth.run.rundir import ControlRequest
 
 
 class Steering:
@@ -36,7 +36,7 @@ class Steering:
         if self._control is not None:
             mine["requests"] = [(r.id, r.command, r.source, r.time, r.error) for r in self._control.poll()]
         everyone = self.dist.all_gather(mine)
-        requests = [runstate.ControlRequest(*r) for r in everyone[0]["requests"]]
+        requests = [ControlRequest(*r) for r in everyone[0]["requests"]]
         if requests:
             self._apply_requests(requests)
         agreed = [a for e in everyone for a in e["actions"]]

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from tbhealth import checkpoint as ckpt
-from tbhealth import registry
-from tbhealth.config import Config, dump_config
+from tbhealth.training import checkpoint as ckpt
+from tbhealth.training import registry
+from tbhealth.training.config import Config, dump_config
 from tbhealth.distributed import DistContext
 from tbhealth.monitor import Monitor
-from tbhealth.runstate import RunDir, write_text_atomic
+from tbhealth.run.files import write_text_atomic
+from tbhealth.run.rundir import RunDir
 
 LR_EPS = 1e-12
 

@@ -12,31 +12,22 @@ from the CLI or the Health tab; never rotated away).
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tbhealth.runstate import RunDir
+from tbhealth.run.files import atomic_write
+from tbhealth.run.rundir import RunDir
 
 RESUMABLE_PREFIXES = ("last", "epoch-", "manual-")
 
 
 def save_atomic(obj: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` into a temp file, ``fsync``, rename over ``path``: never a half checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f), durable=True)
     return path
 
 

@@ -7,7 +7,7 @@ Every mistake a user can make in a config ends as one :class:`ConfigError` whose
 whole user-facing message: each problem on its own line with where it is (``file:line:col`` or
 the ``--set`` that caused it), the dotted key path, the bad value and what is allowed. Checks that
 need torch or user code (optimizer/scheduler/loss names, import paths, kwargs that a factory
-does not accept) live in :mod:`tbhealth.registry` and run from :func:`config_from_dict`, so a
+does not accept) live in :mod:`tbhealth.training.registry` and run from :func:`config_from_dict`, so a
 config that loads is a config that can be built. Importing this module does not import torch.
 """
 
@@ -338,7 +338,7 @@ def _load(p: Path, overrides: Sequence[str]) -> Config:
 
 def config_from_dict(d: dict, source: str = "<dict>", positions: dict[tuple, str] | None = None) -> Config:
     """Validate ``d`` and run every check that needs no data (names, imports, kwargs)."""
-    from tbhealth import registry  # imports torch; only when something is validated
+    from tbhealth.training import registry  # imports torch; only when something is validated
 
     positions = positions or {}
     if not isinstance(d, dict):

@@ -1,4 +1,4 @@
-"""`tbhealth status|alerts|runs` against run directories written through runstate, as a trainer does."""
+"""`tbhealth status|alerts|runs` against run directories written through tbhealth.run, as a trainer does."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from tbhealth import runstate
-from tbhealth.runstate import RunDir
-from tbhealth.schema import (
-    SchemaError, progress_fraction, validate_alert, validate_run_summary, validate_status,
-)
-from tbhealth.system import sample_once
-from tbhealth_cli import inspect as inspect_cli
+from tbhealth.run.files import write_json_atomic, write_text_atomic
+
+from tbhealth.run.states import STALE_AFTER_S
+from tbhealth.run.rundir import RunDir
+from tbhealth.run.status import progress_fraction
+from tbhealth.run.schema import SchemaError, validate_alert, validate_run_summary, validate_status
+from tbhealth.monitor.system import sample_once
+from tbhealth_cli import show as inspect_cli
 from tbhealth_cli import render
 from tbhealth_cli.app import app
 
@@ -65,7 +66,7 @@ def write_stale(rd: RunDir, doc: dict, age_s: float, monkeypatch: pytest.MonkeyP
     """A heartbeat written ``age_s`` ago: what a trainer killed with -9 leaves behind."""
     then = time.time() - age_s
     with monkeypatch.context() as m:
-        m.setattr(runstate.time, "time", lambda: then)
+        m.setattr(time, "time", lambda: then)
         rd.write_status(doc)
 
 
@@ -149,7 +150,7 @@ def test_status_command_prints_plain_text_when_piped(tmp_path, system_reading):
 
 def test_stale_heartbeat_reads_unresponsive(tmp_path, system_reading, monkeypatch):
     rd = RunDir(tmp_path / "killed")
-    write_stale(rd, status_doc("killed", system_reading), runstate.STALE_AFTER_S + 30, monkeypatch)
+    write_stale(rd, status_doc("killed", system_reading), STALE_AFTER_S + 30, monkeypatch)
     result = invoke("status", "killed", "--logdir", str(tmp_path), "--json")
     data = validate_status(json.loads(result.stdout))
     assert (data["state"], data["reported_state"]) == ("unresponsive", "training")
@@ -185,7 +186,7 @@ def test_nan_loss_is_strict_json_and_shown(tmp_path):
 
 def test_partial_status_renders_without_a_traceback(tmp_path):
     rd = RunDir(tmp_path / "odd")
-    runstate.write_json_atomic(rd.status_path, {"state": "training", "updated_at": time.time(), "epoch": "three"})
+    write_json_atomic(rd.status_path, {"state": "training", "updated_at": time.time(), "epoch": "three"})
     result = invoke("status", "odd", "--logdir", str(tmp_path))
     assert result.exit_code == 0
     assert "TRAINING" in result.stdout and "Epoch —/—" in result.stdout
@@ -305,7 +306,7 @@ def test_runs_on_an_empty_or_missing_folder(tmp_path):
 def test_an_unreadable_status_is_listed_as_unknown(tmp_path, system_reading):
     write_run(tmp_path, "fine", system_reading)
     broken = RunDir(tmp_path / "broken")
-    runstate.write_text_atomic(broken.status_path, "{not json")
+    write_text_atomic(broken.status_path, "{not json")
     rows = json.loads(invoke("runs", str(tmp_path), "--json").stdout)
     assert {r["run"]: r["state"] for r in rows} == {"fine": "training", "broken": "unknown"}
     for row in rows:
@@ -317,7 +318,8 @@ def test_an_unreadable_status_is_listed_as_unknown(tmp_path, system_reading):
 
 def test_the_heartbeat_writer_produces_a_valid_status(tmp_path, system_reading):
     """The lead's status builder and this schema must agree field for field."""
-    from tbhealth.heartbeat import Progress, build_status
+    from tbhealth.monitor.progress import Progress
+    from tbhealth.run.status import build_status
 
     p = Progress(run="hb", total_epochs=4, state="training", epoch=2, epochs_done=1, batch=7, batches_per_epoch=20,
                  global_step=27, history=[{"train_loss": 1.2, "train_acc": 0.4, "val_loss": 1.3, "val_acc": 0.35,

@@ -1,4 +1,4 @@
-"""The run-directory format (tbhealth.runstate): atomicity, concurrent appends, crash fencing,
+"""The run-directory format (tbhealth.run): atomicity, concurrent appends, crash fencing,
 offsets, run-name validation and run discovery. Fast: no training, real files and processes."""
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tbhealth import runstate
-from tbhealth.control import ControlChannel
-from tbhealth.runstate import RunDir, RunNameError
+from tbhealth.run.files import FORMAT_VERSION, append_record, read_records
+
+from tbhealth.run.names import list_run_dirs, resolve_run, run_name, unique_run_dir
+
+from tbhealth.run.states import FINAL_STATES, STALE_AFTER_S, UNRESPONSIVE, effective_state, is_live
+from tbhealth.monitor.control import ControlChannel
+from tbhealth.run.names import RunNameError
+from tbhealth.run.rundir import RunDir
 
 # --------------------------------------------------------------------------- workers (spawned)
 
@@ -31,7 +36,7 @@ def _append_many(path: str, writer: int, count: int, barrier) -> None:
     barrier.wait()
     pad = "y" * 5_000  # well above PIPE_BUF: interleaving would tear lines without the lock
     for i in range(count):
-        runstate.append_record(Path(path), {"writer": writer, "i": i, "pad": pad})
+        append_record(Path(path), {"writer": writer, "i": i, "pad": pad})
 
 
 def _spawn():
@@ -68,7 +73,7 @@ def test_status_reader_never_sees_a_partial_file(tmp_path):
     assert bad == []
     assert reads > 50 and len(steps) > 10, (reads, len(steps))  # the reader really overlapped the writes
     final = RunDir(tmp_path).read_status()
-    assert final["global_step"] == 500 and final["v"] == runstate.FORMAT_VERSION
+    assert final["global_step"] == 500 and final["v"] == FORMAT_VERSION
     assert not [p for p in status_path.parent.iterdir() if p.name.endswith(".tmp")], "temp files left behind"
 
 
@@ -102,11 +107,11 @@ def test_concurrent_appends_from_four_processes_keep_every_line_whole(tmp_path):
     lines = raw.split(b"\n")[:-1]
     assert len(lines) == 800
     parsed = [json.loads(line) for line in lines]  # every line is one whole record
-    assert all(r["v"] == runstate.FORMAT_VERSION and len(r["pad"]) == 5_000 for r in parsed)
+    assert all(r["v"] == FORMAT_VERSION and len(r["pad"]) == 5_000 for r in parsed)
     for w in range(4):
         mine = [r["i"] for r in parsed if r["writer"] == w]
         assert mine == list(range(200)), f"writer {w}: records lost, doubled or reordered"
-    records, offset = runstate.read_records(path)
+    records, offset = read_records(path)
     assert len(records) == 800 and offset == len(raw)
 
 
@@ -144,23 +149,23 @@ def test_line_cut_short_by_a_crash_is_fenced_and_skipped(tmp_path):
 
 def test_read_records_does_not_consume_an_incomplete_trailing_line(tmp_path):
     path = tmp_path / "r.jsonl"
-    assert runstate.read_records(path, 0) == ([], 0)  # missing file: nothing, same offset
-    runstate.append_record(path, {"n": 1})
+    assert read_records(path, 0) == ([], 0)  # missing file: nothing, same offset
+    append_record(path, {"n": 1})
     first_len = path.stat().st_size
     with open(path, "ab") as f:
         f.write(b'{"v":1,"n":')  # still being written
-    records, offset = runstate.read_records(path, 0)
+    records, offset = read_records(path, 0)
     assert [r["n"] for r in records] == [1] and offset == first_len
-    assert runstate.read_records(path, offset) == ([], offset), "nothing complete yet"
+    assert read_records(path, offset) == ([], offset), "nothing complete yet"
     with open(path, "ab") as f:
         f.write(b'2}\n')
-    records, offset2 = runstate.read_records(path, offset)
+    records, offset2 = read_records(path, offset)
     assert [r["n"] for r in records] == [2] and offset2 == path.stat().st_size
-    runstate.append_record(path, {"n": 3})
-    records, offset3 = runstate.read_records(path, offset2)
+    append_record(path, {"n": 3})
+    records, offset3 = read_records(path, offset2)
     assert [r["n"] for r in records] == [3] and offset3 == path.stat().st_size
     # each record is returned exactly once when reading on from the returned offsets
-    assert [r["n"] for r in runstate.read_records(path, 0)[0]] == [1, 2, 3]
+    assert [r["n"] for r in read_records(path, 0)[0]] == [1, 2, 3]
 
 
 def test_control_channel_sees_each_request_once_however_many_arrive_between_polls(tmp_path):
@@ -184,7 +189,7 @@ def test_requests_left_from_before_start_are_rejected_once(tmp_path):
     ack = rd.read_acks()[old]
     assert ack["status"] == "rejected" and "not live" in ack["detail"]
     assert ControlChannel(rd).reject_stale() == 0, "a second start does not answer it again"
-    assert len(runstate.read_records(rd.acks_path)[0]) == 1
+    assert len(read_records(rd.acks_path)[0]) == 1
 
 
 def test_request_and_acknowledgement_round_trip(tmp_path):
@@ -198,14 +203,14 @@ def test_request_and_acknowledgement_round_trip(tmp_path):
     assert rd.wait_for_ack(rid, timeout=0.2) is None
     rd.acknowledge(rid, "done", "checkpoint written", path="/x/manual.pt")
     ack = rd.wait_for_ack(rid, timeout=1)
-    assert ack["status"] == "done" and ack["path"] == "/x/manual.pt" and ack["v"] == runstate.FORMAT_VERSION
+    assert ack["status"] == "done" and ack["path"] == "/x/manual.pt" and ack["v"] == FORMAT_VERSION
 
 
 def test_requests_without_id_or_with_unknown_command_carry_an_error(tmp_path):
     rd = RunDir(tmp_path)
-    runstate.append_record(rd.control_path, {"command": "pause"})
-    runstate.append_record(rd.control_path, {"id": "k", "command": "explode"})
-    runstate.append_record(rd.control_path, {"id": "", "command": "stop"})
+    append_record(rd.control_path, {"command": "pause"})
+    append_record(rd.control_path, {"id": "k", "command": "explode"})
+    append_record(rd.control_path, {"id": "", "command": "stop"})
     reqs, _ = rd.read_control(0)
     assert [r.error is not None for r in reqs] == [True, True, True]
     assert "no id" in reqs[0].error and "unknown command 'explode'" in reqs[1].error
@@ -241,21 +246,21 @@ HOSTILE_NAMES = [
 @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=repr)
 def test_resolve_run_refuses_hostile_names(tmp_path, name):
     with pytest.raises(RunNameError):
-        runstate.resolve_run(tmp_path, name)
+        resolve_run(tmp_path, name)
 
 
 @pytest.mark.parametrize("name", [None, 3, b"run"], ids=repr)
 def test_resolve_run_refuses_non_strings(tmp_path, name):
     with pytest.raises(RunNameError):
-        runstate.resolve_run(tmp_path, name)
+        resolve_run(tmp_path, name)
 
 
 def test_resolve_run_accepts_plain_names(tmp_path):
     base = tmp_path.resolve()
-    assert runstate.resolve_run(tmp_path, ".") == base
-    assert runstate.resolve_run(tmp_path, "mnist") == base / "mnist"
-    assert runstate.resolve_run(tmp_path, "sweep/lr=0.1@2") == base / "sweep" / "lr=0.1@2"
-    assert runstate.resolve_run(tmp_path, "x" * 512) == base / ("x" * 512)
+    assert resolve_run(tmp_path, ".") == base
+    assert resolve_run(tmp_path, "mnist") == base / "mnist"
+    assert resolve_run(tmp_path, "sweep/lr=0.1@2") == base / "sweep" / "lr=0.1@2"
+    assert resolve_run(tmp_path, "x" * 512) == base / ("x" * 512)
 
 
 def test_symlink_out_of_the_logdir_is_refused(tmp_path):
@@ -266,26 +271,26 @@ def test_symlink_out_of_the_logdir_is_refused(tmp_path):
     (logdir / "real").mkdir()
     (logdir / "alias").symlink_to(logdir / "real", target_is_directory=True)
     with pytest.raises(RunNameError, match="outside the logdir"):
-        runstate.resolve_run(logdir, "escape")
+        resolve_run(logdir, "escape")
     with pytest.raises(RunNameError, match="outside the logdir"):
-        runstate.resolve_run(logdir, "escape/secret")
-    assert runstate.resolve_run(logdir, "alias") == (logdir / "real").resolve()  # inside: fine
+        resolve_run(logdir, "escape/secret")
+    assert resolve_run(logdir, "alias") == (logdir / "real").resolve()  # inside: fine
 
 
 def test_run_name_is_the_path_relative_to_the_logdir(tmp_path):
-    assert runstate.run_name(tmp_path, tmp_path / "a" / "b") == "a/b"
-    assert runstate.run_name(tmp_path, tmp_path) == "."
+    assert run_name(tmp_path, tmp_path / "a" / "b") == "a/b"
+    assert run_name(tmp_path, tmp_path) == "."
 
 
 def test_unique_run_dir_adds_suffixes(tmp_path):
-    made = [runstate.unique_run_dir(tmp_path / "logs", "exp") for _ in range(3)]
+    made = [unique_run_dir(tmp_path / "logs", "exp") for _ in range(3)]
     assert [p.name for p in made] == ["exp", "exp-2", "exp-3"]
     assert all(p.is_dir() for p in made)
     (tmp_path / "logs" / "exp-4").mkdir()
-    assert runstate.unique_run_dir(tmp_path / "logs", "exp").name == "exp-5"
-    assert runstate.unique_run_dir(tmp_path / "logs", "group/exp").relative_to(tmp_path / "logs") == Path("group/exp")
+    assert unique_run_dir(tmp_path / "logs", "exp").name == "exp-5"
+    assert unique_run_dir(tmp_path / "logs", "group/exp").relative_to(tmp_path / "logs") == Path("group/exp")
     with pytest.raises(RunNameError):
-        runstate.unique_run_dir(tmp_path / "logs", "../exp")
+        unique_run_dir(tmp_path / "logs", "../exp")
     assert not (tmp_path / "exp").exists()
 
 
@@ -295,17 +300,17 @@ def test_unique_run_dir_adds_suffixes(tmp_path):
 def test_effective_state():
     now = 1_000_000.0
     fresh = now - 1
-    stale = now - runstate.STALE_AFTER_S - 0.5
+    stale = now - STALE_AFTER_S - 0.5
     for state in ("starting", "training", "paused", "stopping"):
-        assert runstate.effective_state({"state": state, "updated_at": fresh}, now) == state
-        assert runstate.effective_state({"state": state, "updated_at": stale}, now) == runstate.UNRESPONSIVE
-        assert runstate.effective_state({"state": state}, now) == runstate.UNRESPONSIVE  # no heartbeat at all
-        assert runstate.effective_state({"state": state, "updated_at": "soon"}, now) == runstate.UNRESPONSIVE
-    for state in runstate.FINAL_STATES:
-        assert runstate.effective_state({"state": state, "updated_at": stale - 1e6}, now) == state
-        assert runstate.effective_state({"state": state}, now) == state
-    assert runstate.is_live("paused") and not runstate.is_live(runstate.UNRESPONSIVE)
-    assert not any(runstate.is_live(s) for s in (*runstate.FINAL_STATES, "stopping"))
+        assert effective_state({"state": state, "updated_at": fresh}, now) == state
+        assert effective_state({"state": state, "updated_at": stale}, now) == UNRESPONSIVE
+        assert effective_state({"state": state}, now) == UNRESPONSIVE  # no heartbeat at all
+        assert effective_state({"state": state, "updated_at": "soon"}, now) == UNRESPONSIVE
+    for state in FINAL_STATES:
+        assert effective_state({"state": state, "updated_at": stale - 1e6}, now) == state
+        assert effective_state({"state": state}, now) == state
+    assert is_live("paused") and not is_live(UNRESPONSIVE)
+    assert not any(is_live(s) for s in (*FINAL_STATES, "stopping"))
 
 
 def test_read_status_reports_unresponsive_and_keeps_the_reported_state(tmp_path):
@@ -313,8 +318,8 @@ def test_read_status_reports_unresponsive_and_keeps_the_reported_state(tmp_path)
     rd.write_status({"state": "paused"})
     written = rd.read_status()
     assert written["state"] == "paused" and written["reported_state"] == "paused"
-    later = rd.read_status(now=written["updated_at"] + runstate.STALE_AFTER_S + 1)
-    assert later["state"] == runstate.UNRESPONSIVE and later["reported_state"] == "paused"
+    later = rd.read_status(now=written["updated_at"] + STALE_AFTER_S + 1)
+    assert later["state"] == UNRESPONSIVE and later["reported_state"] == "paused"
     rd.write_status({"state": "completed"})
     assert rd.read_status(now=time.time() + 1e6)["state"] == "completed"
 
@@ -369,10 +374,10 @@ def test_list_run_dirs_finds_nested_runs_and_skips_state_folders(tmp_path):
     outside = tmp_path.parent / (tmp_path.name + "-outside")
     _make_run(outside / "o")
     (tmp_path / "link").symlink_to(outside, target_is_directory=True)
-    found = sorted(runstate.run_name(tmp_path, p) for p in runstate.list_run_dirs(tmp_path))
+    found = sorted(run_name(tmp_path, p) for p in list_run_dirs(tmp_path))
     assert found == ["a", "group/b", "group/deeper/c"]
     _make_run(tmp_path)
-    assert runstate.list_run_dirs(tmp_path) == [tmp_path], "a logdir that is itself a run"
+    assert list_run_dirs(tmp_path) == [tmp_path], "a logdir that is itself a run"
 
 
 def test_records_carry_the_format_version(tmp_path):
@@ -383,8 +388,8 @@ def test_records_carry_the_format_version(tmp_path):
     rd.acknowledge(rid, "done")
     rd.write_status({"state": "training"})
     for path in (rd.log_path, rd.alerts_path, rd.control_path, rd.acks_path):
-        assert all(r["v"] == runstate.FORMAT_VERSION for r in runstate.read_records(path)[0])
-    assert json.loads(rd.status_path.read_text())["v"] == runstate.FORMAT_VERSION
+        assert all(r["v"] == FORMAT_VERSION for r in read_records(path)[0])
+    assert json.loads(rd.status_path.read_text())["v"] == FORMAT_VERSION
 
 
 def test_checkpoint_symlink_out_of_the_run_is_refused(tmp_path):

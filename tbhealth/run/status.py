@@ -1,0 +1,198 @@
+"""The status document of DESIGN.md, shaped in one place: built by the trainer, read by everyone.
+
+:func:`build_status` turns a run's progress into ``status.json`` (the heartbeat writes it);
+:func:`public_status`, :func:`run_summary` and :func:`newest_first` are what ``tbhealth
+status|runs --json`` print and what the Health tab's ``GET status|runs`` answer. The shapes are
+declared in :mod:`tbhealth.run.schema`. Pure functions: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from tbhealth.run.states import State
+
+if TYPE_CHECKING:  # the monitor's mutable progress; only its attributes are read here
+    from tbhealth.monitor.progress import Progress
+
+#: The per-epoch metrics every status carries (``metrics.<key>``), in display order.
+METRIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+#: States in which a run still has an ETA.
+_ETA_STATES = (State.TRAINING.value, State.PAUSED.value, State.STARTING.value)
+
+
+def estimate_eta(
+    epoch_durations: list[float], epochs_done: int, total_epochs: int,
+    epoch_elapsed: float, batch: int, batches: int | None,
+) -> float | None:
+    """Seconds left: the mean finished-epoch time for the epochs left, less the current one's part.
+
+    Before any epoch has finished, the current epoch's pace (seconds per batch) stands in.
+    None when there is nothing to go on yet.
+    """
+    remaining_epochs = total_epochs - epochs_done
+    if remaining_epochs <= 0:
+        return 0.0
+    if epoch_durations:
+        per_epoch = sum(epoch_durations[-10:]) / len(epoch_durations[-10:])
+    elif batch > 0 and batches:
+        per_epoch = epoch_elapsed / batch * batches
+    else:
+        return None
+    if batches:
+        done_fraction = min(batch / batches, 1.0)
+        in_epoch_left = per_epoch * (1 - done_fraction)
+    else:
+        in_epoch_left = max(per_epoch - epoch_elapsed, 0.0)
+    return max(0.0, in_epoch_left + per_epoch * (remaining_epochs - 1))
+
+
+def metrics_with_deltas(history: list[dict]) -> dict[str, dict | None]:
+    """Latest value of each epoch metric and its change from the previous epoch."""
+    out: dict[str, dict | None] = {}
+    for key in METRIC_KEYS:
+        values = [h[key] for h in history if h.get(key) is not None]
+        if not values:
+            out[key] = None
+            continue
+        delta = values[-1] - values[-2] if len(values) > 1 else None
+        out[key] = {"value": values[-1], "delta": delta}
+    return out
+
+
+def build_status(p: Progress, *, system: dict | None, alerts_active: int, health_score: int,
+                 extra: dict | None = None, now: float | None = None) -> dict[str, Any]:
+    """The status JSON of DESIGN.md (``updated_at`` is added by the writer)."""
+    now_m = time.monotonic() if now is None else now
+    eta = None
+    if p.state in _ETA_STATES:
+        in_epoch = p.epoch > p.epochs_done  # between two epochs, none of the next one is done yet
+        eta = estimate_eta(p.epoch_durations, p.epochs_done, p.total_epochs,
+                           p.epoch_active_seconds(now_m) if in_epoch else 0.0, p.batch if in_epoch else 0,
+                           p.batches_per_epoch)
+    elif p.state == State.COMPLETED.value:
+        eta = 0.0
+    status = {
+        "run": p.run,
+        "state": p.state,
+        "epoch": p.epoch,
+        "total_epochs": p.total_epochs,
+        "epochs_done": p.epochs_done,
+        "batch": p.batch,
+        "batches_per_epoch": p.batches_per_epoch,
+        "global_step": p.global_step,
+        "started_at": p.started_at,
+        "elapsed_s": round(p.active_seconds(now_m), 3),
+        "eta_s": None if eta is None else round(eta, 1),
+        "last_step_at": p.last_step_time,
+        "metrics": metrics_with_deltas(p.history),
+        "system": system,
+        "alerts_active": alerts_active,
+        "health_score": health_score,
+        "interventions": dict(p.interventions),
+        "log_counts": {"warnings": p.warnings, "errors": p.errors},
+        "world_size": p.world_size,
+        "message": p.message,
+    }
+    if extra:
+        status.update(extra)
+    return status
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats spelled as strings, so ``json.dumps(allow_nan=False)`` works."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def public_status(status: dict, run: str) -> dict:
+    """What ``status --json`` prints: the status as read, named ``run``, without the file version.
+
+    ``run`` is the name the CLI resolved (relative to the logdir), so it can be passed back to
+    any other command; ``reported_state`` stays because it explains an ``unresponsive`` state.
+    """
+    out = {k: v for k, v in status.items() if k != "v"}
+    out["run"] = run
+    return json_safe(out)
+
+
+_ALERT_KEYS = ("id", "rule", "severity", "message", "epoch", "step", "time", "layer", "value", "threshold", "resolved")
+
+
+def public_alert(alert: dict) -> dict:
+    """An alert record in the documented key order; absent keys become ``None`` (``resolved``: False)."""
+    out = {k: alert.get(k) for k in _ALERT_KEYS}
+    out["resolved"] = bool(alert.get("resolved", False))
+    out.update({k: v for k, v in alert.items() if k not in out and k != "v"})
+    return json_safe(out)
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _count(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+
+
+def progress_fraction(status: dict) -> float | None:
+    """Share of the planned work done, 0..1, from epoch/batch counts; None when unknown."""
+    if status.get("state") == "completed":
+        return 1.0
+    epoch, total = _count(status.get("epoch")), _count(status.get("total_epochs"))
+    if epoch is None or not total:
+        return None
+    done_epochs = max(0, min(epoch, total) - 1) if epoch else 0
+    per_epoch = _count(status.get("batches_per_epoch"))
+    batch = _count(status.get("batch")) or 0
+    within = min(1.0, batch / per_epoch) if per_epoch and epoch else 0.0
+    return max(0.0, min(1.0, (done_epochs + within) / total))
+
+
+def _metric_value(status: dict, name: str) -> Any:
+    metric = (status.get("metrics") or {}).get(name)
+    return metric.get("value") if isinstance(metric, dict) else None
+
+
+def newest_first(rows: list[dict]) -> list[dict]:
+    """``runs`` rows (``run_summary``) ordered as both ``tbhealth runs`` and the Health tab show
+    them: by start time, newest first (a status without one: its last heartbeat less its elapsed
+    time; neither: last), then by name."""
+
+    def started(row: dict) -> float:
+        if row.get("started_at") is not None:
+            return row["started_at"]
+        return (row.get("updated_at") or 0.0) - (row.get("elapsed_s") or 0.0)
+
+    return sorted(rows, key=lambda row: (-started(row), row["run"]))
+
+
+def run_summary(run: str, path: str, status: dict | None) -> dict:
+    """One ``runs --json`` row; a run whose status cannot be read is listed as ``unknown``."""
+    s = status or {}
+    started = _num(s.get("started_at"))
+    return json_safe({
+        "run": run,
+        "path": path,
+        "state": s.get("state", "unknown") if status else "unknown",
+        "epoch": _count(s.get("epoch")),
+        "total_epochs": _count(s.get("total_epochs")),
+        "batch": _count(s.get("batch")),
+        "batches_per_epoch": _count(s.get("batches_per_epoch")),
+        "progress": progress_fraction(s) if status else None,
+        "elapsed_s": _num(s.get("elapsed_s")),
+        "eta_s": _num(s.get("eta_s")),
+        "started_at": started,
+        "updated_at": _num(s.get("updated_at")),
+        "val_loss": _num(_metric_value(s, "val_loss")),
+        "val_acc": _num(_metric_value(s, "val_acc")),
+        "alerts_active": _count(s.get("alerts_active")),
+        "health_score": _num(s.get("health_score")),
+    })
