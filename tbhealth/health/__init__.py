@@ -15,7 +15,7 @@ from typing import Any
 _LAZY = {
     "RuleId": "ids", "RULE_IDS": "ids", "SEVERITIES": "ids", "severity_of": "ids",
     "ACTIONS": "settings", "Action": "settings", "HealthConfig": "settings", "RuleSettings": "settings",
-    "RULES": "rules", "Compare": "rules", "EpochMetrics": "rules", "Finding": "rules", "Observation": "rules",
+    "RULES": "rules", "Checked": "rules", "Compare": "rules", "EpochMetrics": "rules", "Finding": "rules", "Observation": "rules",
     "check": "rules", "check_all": "rules", "episode_key": "rules", "evaluate": "rules",
     "AlertTracker": "alerts", "health_score": "alerts",
 }
