@@ -15,7 +15,7 @@ FIRING, HOLDING, CLEAR, UNCHECKED = "firing", "holding", "clear", None
 def verdict(rule: str, obs: Observation, **settings) -> tuple[str | None, str]:
     """``(status, message)`` of ``rule`` this round: firing, holding, clear; ``(None, "")`` when
     the rule was not checked (its inputs were missing)."""
-    findings, checked = check(obs, HealthConfig(**{rule: settings}))
+    findings, checked = check(obs, HealthConfig(**{rule: {"enabled": True, **settings}}))
     if rule not in checked:
         assert not [f for f in findings if f.rule == rule]
         return UNCHECKED, ""
@@ -432,6 +432,7 @@ def test_settings_defaults_are_the_design_numbers():
     assert cfg.dead_neurons.max_fraction == 0.5 and cfg.vanishing_gradients.min_norm == 1e-7
     assert cfg.memory.max_fraction == 0.95
     assert {cfg.rule(r).action for r in RULE_IDS} == {"warn"}
+    assert {r for r in RULE_IDS if not cfg.rule(r).enabled} == {"plateau"}  # converged runs end flat: opt in
     with pytest.raises(KeyError, match="allowed: divergence"):
         cfg.rule("nope")
 

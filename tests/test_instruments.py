@@ -234,3 +234,81 @@ def test_autocast_bf16_step_is_measured():
     sample = inst.read()
     assert sample["dead_fraction"] == {"net.1": 0.5} and sample["nonfinite"] is None
     assert sample["global_grad_norm"] > 0 and sample["loss_mean"] == pytest.approx(loss.item(), rel=1e-2)
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+class NewGELUActivation(nn.Module):
+    """GPT-2's GELU class as Hugging Face defines it: parameter-free, not an nn.GELU."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * x.pow(3))))
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return 3 * x  # elementwise but linear: not an activation
+
+
+class RowNorm(nn.Module):
+    def forward(self, x):
+        return x / x.norm(dim=-1, keepdim=True)  # parameter-free, non-linear, not elementwise
+
+
+@pytest.mark.parametrize(
+    ("module", "is_activation"),
+    [
+        (nn.ReLU(), True), (NewGELUActivation(), True), (Net(nn.Tanh()).net, False),  # a container is not
+        (Scale(), False), (RowNorm(), False), (nn.Dropout(0.5), False), (nn.Softmax(-1), False),
+        (nn.Identity(), False), (nn.LayerNorm(4, elementwise_affine=False), False),
+    ],
+)
+def test_activation_modules_are_recognised_by_what_they_do(module, is_activation):
+    from tbhealth.instruments.coverage import behaves_like_activation
+
+    assert behaves_like_activation(module) is is_activation
+
+
+def test_gpt2_style_activation_class_gets_dead_unit_statistics():
+    torch.manual_seed(0)
+    model = Net(nn.Linear(8, 16), NewGELUActivation(), nn.Linear(16, 2))
+    inst = Instruments(model)
+    inst.arm(probe=True)
+    model(torch.randn(32, 8)).sum().backward()
+    inst.disarm()
+    assert [name for name, _ in inst.activation_layers] == ["net.1"]
+    assert inst.read()["dead_fraction"] == {"net.1": 0.0}
+    assert inst.functional_calls == {}  # the GELU's own tanh runs inside the hooked module
+    assert "activation statistics (dead units, zero fraction) of 1 activation modules (net.1)" in inst.coverage()
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.lstm, self.out = nn.Linear(8, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.fc1(x))
+        h, _ = self.lstm(h.sigmoid().unsqueeze(1))
+        return self.out(h[:, -1])
+
+
+def test_what_cannot_be_hooked_is_counted_once_and_said():
+    model = FunctionalNet()
+    inst = Instruments(model)
+    assert inst.activation_layers == [] and inst.functional_calls is None
+    inst.arm(probe=True)
+    model(torch.randn(4, 8)).sum().backward()
+    inst.disarm()
+    assert inst.functional_calls == {"relu": 1, "sigmoid": 1}
+    inst.arm(probe=True)  # probed once per run: later sampled steps run without the mode
+    model(torch.randn(4, 8))
+    inst.disarm()
+    assert inst.functional_calls == {"relu": 1, "sigmoid": 1}
+    inst.capture_gradients()
+    assert list(inst.read()["layer_grad_norms"]) == ["fc1", "lstm", "out"]  # no hooks needed
+    text = inst.coverage()
+    assert text.startswith("Health instruments: gradient norms of 3 layers (fc1, lstm, out); no activation module")
+    assert "activation functions called inside forward (relu ×1, sigmoid ×1 per step)" in text
+    assert "activations inside fused modules (LSTM)" in text

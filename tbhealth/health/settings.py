@@ -143,7 +143,14 @@ class UnderfittingSettings(RuleSettings):
 
 
 class PlateauSettings(RuleSettings):
-    """Validation loss stopped improving (train loss when there is no validation). Severity warning."""
+    """Validation loss stopped improving (train loss when there is no validation). Severity warning.
+
+    Off by default: a flat loss alone cannot tell a run stuck early from one that converged and
+    is simply trained long (most runs end flat), so on by default it would fire on healthy runs.
+    A loss stuck high is ``underfitting``'s finding; turn this on for a nudge to stop or decay.
+    """
+
+    enabled: bool = Field(False, description="Evaluate this rule (default false: see the rule's description).")
 
     patience: int = Field(
         5, ge=1, description="Fires after this many epochs in which neither val nor train loss improved, at "

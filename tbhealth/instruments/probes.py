@@ -16,9 +16,12 @@ Order on a sampled step (the Monitor's contract)::
     ...
     sample = inst.read()            # on a logging step: the only sync
 
-What is covered: outputs of activation *modules* (:data:`ACTIVATIONS`, plus modules named in
-``health.activation_modules`` by module name or class name). Functional activations called
-inside ``forward`` (``F.relu(x)``, ``x.relu()``) have no module and are not seen. A unit is
+What is covered: outputs of activation *modules*: torch's activation classes, modules that
+behave like one (parameter-free, elementwise, non-linear: GPT-2's ``NewGELUActivation``), and
+modules named in ``health.activation_modules`` (see :mod:`tbhealth.instruments.coverage`).
+Functional activations called inside ``forward`` (``F.relu(x)``, ``x.relu()``) have no module and
+are not seen; the first sampled step counts them (``arm(probe=True)``) so :meth:`coverage` can
+say so. Per-layer gradient norms need no hooks and cover every module owning parameters. A unit is
 feature dimension 1: an ``(N, C, ...)`` output is reduced over N and all spatial dims, so for
 ``(N, T, C)`` sequence outputs the "units" are positions, which under-reports dead features.
 
@@ -40,13 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from tbhealth.health.settings import HealthConfig
+from tbhealth.instruments.coverage import ACTIVATIONS, FunctionalActivations, activation_layers, describe
 
-ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.Threshold, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
-)  # fmt: skip
 ROOT = "(root)"
+__all__ = ["ACTIVATIONS", "Instruments", "ROOT", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,18 +70,17 @@ class Instruments:
 
     def __init__(self, model: nn.Module, settings: HealthConfig | None = None) -> None:
         self.model = unwrap(model)
-        extra = set(settings.activation_modules) if settings is not None else set()
-        self.activation_layers: list[tuple[str, nn.Module]] = [
-            (name or ROOT, m)
-            for name, m in self.model.named_modules()
-            if isinstance(m, ACTIVATIONS) or name in extra or type(m).__name__ in extra
-        ]
+        extra = settings.activation_modules if settings is not None else ()
+        self.activation_layers: list[tuple[str, nn.Module]] = activation_layers(self.model, extra, ROOT)
         self.param_layers: list[tuple[str, list[nn.Parameter]]] = []
         for name, m in self.model.named_modules():
             params = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if params:
                 self.param_layers.append((name or ROOT, params))
         self._handles: list = []
+        self._functional: FunctionalActivations | None = None
+        #: Activation functions called outside activation modules on the probed step (None: not probed yet).
+        self.functional_calls: dict[str, int] | None = None
         self._index_cache: dict[tuple, Tensor] = {}
         self._reset()
 
@@ -91,18 +90,40 @@ class Instruments:
     def armed(self) -> bool:
         return bool(self._handles)
 
-    def arm(self) -> None:
-        """Hook activation outputs for the next forward(s); call before a sampled step's forward."""
+    def arm(self, probe: bool = False) -> None:
+        """Hook activation outputs for the next forward(s); call before a sampled step's forward.
+
+        ``probe``: also count activation functions called outside activation modules until
+        :meth:`disarm` (once per run: every torch call pays a Python round trip meanwhile).
+        """
         if self._handles:
             return
         for name, module in self.activation_layers:
             self._handles.append(module.register_forward_hook(partial(self._observe, name)))
+        if probe and self._functional is None and self.functional_calls is None:
+            mode = self._functional = FunctionalActivations()
+            for _, module in self.activation_layers:
+                self._handles.append(module.register_forward_pre_hook(mode.enter))
+                self._handles.append(module.register_forward_hook(mode.leave))
+            mode.__enter__()
 
     def disarm(self) -> None:
         """Remove every hook: steps that are not sampled pay nothing."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        mode, self._functional = self._functional, None
+        if mode is not None:
+            self.functional_calls = dict(mode.calls)
+            try:
+                mode.__exit__(None, None, None)
+            except Exception:  # another mode entered meanwhile and not left: the count stands, nothing to undo
+                pass
+
+    def coverage(self) -> str:
+        """What these instruments measure on this model and what they cannot see (for the run's log)."""
+        return describe(self.model, [name for name, _ in self.param_layers],
+                        [name for name, _ in self.activation_layers], self.functional_calls)
 
     def _observe(self, name: str, module: nn.Module, inputs, output) -> None:
         """Reduce one activation output to two small tensors at once; the output is not kept."""
