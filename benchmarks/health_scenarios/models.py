@@ -51,6 +51,22 @@ class FunctionalMLP(nn.Module):
         return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+class DeepFunctionalSigmoid(nn.Module):
+    """``depth`` linear layers joined by ``torch.sigmoid`` calls: vanishing gradients in a model
+    with no activation module at all (only per-layer gradient norms can see it)."""
+
+    def __init__(self, in_features: int = 64, out_features: int = 10, depth: int = 12, width: int = 32):
+        super().__init__()
+        sizes = [in_features] + [width] * depth
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.out = nn.Linear(width, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.sigmoid(layer(x))
+        return self.out(x)
+
+
 class FrozenAndUnused(nn.Module):
     """A frozen first layer (``requires_grad=False``, as when fine-tuning) and an auxiliary head
     that ``forward`` never calls: with ``zero_grad(set_to_none=False)`` its gradients are exact zeros."""

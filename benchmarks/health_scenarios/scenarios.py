@@ -15,7 +15,7 @@ from benchmarks.health_scenarios.corpus import Scenario
 from tbhealth.training.data import digits
 from tbhealth.training.models import CNN
 
-DIVERGE, NAN_AT, HANG_AT = 1, 37, 30
+DIVERGE, NAN_AT, HANG_AT, CORRUPT_AT = 1, 37, 30, 23
 
 
 def end_of_epoch(epoch: int) -> callable:
@@ -36,6 +36,11 @@ def nan_inputs(step: int, x: torch.Tensor, y: torch.Tensor):
         x = x.clone()
         x[0, 0] = float("nan")
     return x, y
+
+
+def corrupt_batch(step: int, x: torch.Tensor, y: torch.Tensor):
+    """The batch of step CORRUPT_AT has its features scaled by 1e3 (a unit mix-up in one file)."""
+    return (x * 1e3 if step == CORRUPT_AT else x), y
 
 
 def one_cycle(opt, per_epoch, epochs):
@@ -80,8 +85,13 @@ SCENARIOS: list[Scenario] = [
     Scenario("vanishing_sigmoid", "12 sigmoid layers: first layers' grad norms ~1e-10", digits,
              partial(models.mlp, hidden=[32] * 12, activation="sigmoid"), epochs=2,
              expect=frozenset({"vanishing_gradients"}), onset=1),
+    Scenario("vanishing_functional", "the same depth with torch.sigmoid in forward: no activation module",
+             digits, models.DeepFunctionalSigmoid, epochs=2, expect=frozenset({"vanishing_gradients"}), onset=1),
     Scenario("dead_relu_layer", "MLP whose fc2 bias is -10: act2 outputs 0 for every input", digits,
              models.dead_layer_mlp, epochs=2, expect=frozenset({"dead_neurons"}), onset=1),
+    Scenario("corrupt_batch", f"MLP, Adam; the batch of step {CORRUPT_AT} is scaled 1e3 (between logging steps)",
+             digits, models.mlp, epochs=3, perturb=corrupt_batch, expect=frozenset({"divergence"}),
+             also=frozenset({"loss_spike", "exploding_gradients"}), onset=CORRUPT_AT),
     Scenario("overfit_tiny_train", "MLP 256x256 on 90 training digits, validated on 360", data.few_digits,
              partial(models.mlp, hidden=(256, 256)), epochs=30, expect=frozenset({"overfitting"}),
              onset=first_gap_epoch),
