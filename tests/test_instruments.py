@@ -312,3 +312,32 @@ def test_what_cannot_be_hooked_is_counted_once_and_said():
     assert text.startswith("Health instruments: gradient norms of 3 layers (fc1, lstm, out); no activation module")
     assert "activation functions called inside forward (relu ×1, sigmoid ×1 per step)" in text
     assert "activations inside fused modules (LSTM)" in text
+
+
+# --------------------------------------------------------------------------- logging windows
+
+
+def test_window_sees_every_step_without_reading_back():
+    from tbhealth.instruments.window import StepWindow
+
+    window = StepWindow()
+    for step, (loss, norm) in enumerate([(2.3, 5.0), (3e20, 1.7e4), (2.0, None), (1.9, 3.0)], start=11):
+        window.add(step, torch.tensor(loss), None if norm is None else torch.tensor(norm))
+    first, values = window.take()
+    assert first == 11 and values.tolist() == [pytest.approx(3e20, rel=1e-6), 0.0, 1.7e4]
+    assert window.take() == (None, None)  # a new window
+
+
+def test_window_flags_a_nan_and_folds_long_windows():
+    from tbhealth.instruments import window as w
+
+    win = w.StepWindow()
+    for i in range(w.MAX_PENDING * 2 + 3):  # folded twice on the way: the lists stay bounded
+        win.add(i + 1, torch.tensor(float("nan") if i == 7 else 1.0 + i))
+        assert len(win._losses) < w.MAX_PENDING
+    first, values = win.take()
+    max_loss, bad, norm = values.tolist()
+    assert first == 1 and bad == 1.0 and norm == -1.0 and max_loss != max_loss  # NaN: the max propagates it
+    win.add(1000, torch.tensor(-float("inf")))
+    win.add(1001, torch.tensor(0.5))
+    assert win.take()[1].tolist()[:2] == [0.5, 1.0]  # -inf is non-finite though it is not the max
