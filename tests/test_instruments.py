@@ -341,3 +341,26 @@ def test_window_flags_a_nan_and_folds_long_windows():
     win.add(1000, torch.tensor(-float("inf")))
     win.add(1001, torch.tensor(0.5))
     assert win.take()[1].tolist()[:2] == [0.5, 1.0]  # -inf is non-finite though it is not the max
+
+
+def test_thread_stack_shows_where_a_thread_waits():
+    import threading
+
+    from tbhealth.instruments.stacks import thread_stack
+
+    release = threading.Event()
+
+    def stuck_in_here():
+        release.wait(30)
+
+    t = threading.Thread(target=stuck_in_here, name="trainer")
+    t.start()
+    try:
+        mine = thread_stack(t.ident)
+        assert mine.startswith('Thread "trainer":') and "in stuck_in_here" in mine and "release.wait(30)" in mine
+        every = thread_stack(t.ident, all_threads=True)
+        assert every.startswith('Thread "trainer":') and 'Thread "MainThread":' in every
+    finally:
+        release.set()
+        t.join()
+    assert thread_stack(t.ident) is None
