@@ -89,7 +89,7 @@ def _accuracy_gap(epochs: Sequence[EpochMetrics], s: hs.OverfittingSettings) -> 
 def overfitting(obs: Observation, s: hs.OverfittingSettings) -> list[Finding] | None:
     """Default, in priority order: val loss rose 3 epochs in a row by > 5 % in total while train
     loss < val loss; else train acc − val acc > 10 points, beyond 3 standard errors of the two
-    set sizes, two validated epochs in a row, with train error <= half the val error. Epochs
+    set sizes, three validated epochs in a row, with train error <= half the val error. Epochs
     without a val loss are skipped, so with validation every k epochs ``patience`` counts rounds.
     Clear only when both tests are (the resolve message then states both)."""
     if not obs.epochs:

@@ -117,7 +117,7 @@ class OverfittingSettings(RuleSettings):
         "accuracies measured on sets of these sizes (z-score; skipped when the sizes are unknown)...",
     )
     gap_patience: int = Field(
-        2, ge=1, description="...in this many validated epochs in a row (epochs; one noisy epoch is not a trend)...")
+        3, ge=1, description="...in this many validated epochs in a row (epochs; one noisy epoch is not a trend)...")
     max_error_ratio: Fraction = Field(
         0.5, description="...and the model fits its training data: train error (1 − train acc) at most this "
         "fraction of val error (ratio; a model at chance has nothing to overfit).",
