@@ -15,7 +15,7 @@ from benchmarks.health_scenarios.corpus import Scenario
 from tbhealth.training.data import digits
 from tbhealth.training.models import CNN
 
-DIVERGE, NAN_AT, HANG_AT, CORRUPT_AT = 1, 37, 30, 23
+DIVERGE, NAN_AT, HANG_AT, CORRUPT_AT = 1, 37, 30, 30
 
 
 def end_of_epoch(epoch: int) -> callable:
