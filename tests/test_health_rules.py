@@ -361,6 +361,12 @@ def test_stalled(idle, state, status, fragment):
     expect("stalled", obs, status, fragment)
 
 
+def test_stalled_message_names_the_users_frame_behind_a_library_wait():
+    stack = STACK + '  File "/usr/lib/python3.11/threading.py", line 331, in wait\n    waiter.acquire()\n'
+    obs = Observation(step=3, now=1000.0, last_progress_time=0.0, stack=stack)
+    expect("stalled", obs, FIRING, "the training thread is in threading.py:331 (wait), called from model.py:57 (forward)")
+
+
 def test_stalled_finding_carries_the_stack():
     obs = Observation(step=3, now=1000.0, last_progress_time=0.0, stack=STACK)
     [f] = evaluate(obs, HealthConfig())

@@ -326,6 +326,11 @@ def test_window_sees_every_step_without_reading_back():
     first, values = window.take()
     assert first == 11 and values.tolist() == [pytest.approx(3e20, rel=1e-6), 0.0, 1.7e4]
     assert window.take() == (None, None)  # a new window
+    window.add(20, torch.tensor(9.0))
+    assert window.peek()[1].tolist() == [9.0, 0.0, -1.0]
+    window.add(21, torch.tensor(1.0))
+    first, values = window.peek()  # peeking does not end the window: 21 alone would look fine
+    assert first == 20 and values.tolist() == [9.0, 0.0, -1.0]
 
 
 def test_window_flags_a_nan_and_folds_long_windows():

@@ -48,15 +48,21 @@ def memory(obs: Observation, s: hs.MemorySettings) -> list[Finding] | None:
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+#: Frames of the interpreter's own library and of torch: where a wait happens, rarely why.
+_LIBRARY = re.compile(r"[/\\]lib[/\\]python3[^/\\]*[/\\](?!site-packages)|[/\\]site-packages[/\\]torch[/\\]")
 
 
 def _where(stack: str | None) -> str:
-    """' in model.py:57 (forward)': the innermost frame of a formatted Python stack, for a message."""
+    """'; the training thread is in threading.py:331 (wait), called from model.py:57 (forward)':
+    the innermost frame of a formatted Python stack, and the innermost frame of the user's code."""
     frames = _FRAME.findall(stack or "")
     if not frames:
         return ""
-    path, line, func = frames[-1]
-    return f"; the training thread is in {path.rsplit('/', 1)[-1]}:{line} ({func}), stack in the alert and the log"
+    name = lambda f: f"{f[0].replace(chr(92), '/').rsplit('/', 1)[-1]}:{f[1]} ({f[2]})"  # noqa: E731
+    inner = frames[-1]
+    own = next((f for f in reversed(frames) if not _LIBRARY.search(f[0])), inner)
+    caller = f", called from {name(own)}" if own is not inner else ""
+    return f"; the training thread is in {name(inner)}{caller}, stack in the alert and the log"
 
 
 def stalled(obs: Observation, s: hs.StalledSettings) -> list[Finding] | None:

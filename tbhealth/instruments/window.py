@@ -5,7 +5,8 @@ that settled by step 50, or a NaN on a step in between, went unseen. :class:`Ste
 for every step since the last logging step, the largest loss, whether any loss was NaN/Inf, and
 the largest gradient norm the loop reported (the pre-clip norm from ``clip_grad_norm_``), as
 tensors on the device. ``add`` is a list append; the reductions run on the logging step, where
-:meth:`take` hands their results to the one read-back that step does anyway.
+:meth:`take` hands their results to the one read-back that step does anyway (:meth:`peek`
+does without closing the window: the densely observed first steps).
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ class StepWindow:
             parts = [torch.maximum(a, b) for a, b in zip(self._parts, parts)]
         self._parts = parts
 
-    def take(self) -> tuple[int | None, Tensor | None]:
+    def peek(self) -> tuple[int | None, Tensor | None]:
         """``(first step, tensor [max loss, any non-finite (0/1), max grad norm or -1])`` of the
-        window, on the device (read it back with the logging step's other values), and start
-        the next window. ``(None, None)`` when no step was added."""
+        window so far, on the device (read it back with the logging step's other values).
+        ``(None, None)`` when no step was added. The window goes on: the run's first steps are
+        each observed this way, and a single good step must not look like a whole good window."""
         self._fold()
-        first, parts = self.first_step, self._parts
+        return self.first_step, (torch.stack(self._parts) if self._parts is not None else None)
+
+    def take(self) -> tuple[int | None, Tensor | None]:
+        """:meth:`peek`, then start the next window (a logging step, or an epoch's end)."""
+        out = self.peek()
         self.first_step, self._parts = None, None
-        return first, (torch.stack(parts) if parts is not None else None)
+        return out
