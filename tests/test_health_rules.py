@@ -166,6 +166,7 @@ def test_one_alert_for_all_vanishing_layers_worst_first_with_their_values():
 def test_a_long_layer_list_is_cut_in_the_message_but_kept_in_the_finding():
     [f] = evaluate(Observation(dead_fraction={f"act{i}": 0.6 + i / 100 for i in range(12)}), HealthConfig())
     assert len(f.layers) == 12 and f.layers[0] == ("act11", 0.71) and "and 6 more" in f.message
+    assert "(also act10 70%, act9 69%," in f.message  # each value in the rule's unit
 
 
 @pytest.mark.parametrize(

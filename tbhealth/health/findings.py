@@ -231,8 +231,8 @@ def epochs_since_best(values: Sequence[float], min_delta: float) -> tuple[int, f
     return wait, best
 
 
-def named_layers(layers: Sequence[tuple[str, float]]) -> str:
+def named_layers(layers: Sequence[tuple[str, float]], unit=fmt) -> str:
     """'net.2 4e-08, net.4 9e-08 and 3 more': the layers after the worst, for a message."""
-    shown = ", ".join(f"{name} {fmt(v)}" for name, v in layers[:MAX_NAMED_LAYERS])
+    shown = ", ".join(f"{name} {unit(v)}" for name, v in layers[:MAX_NAMED_LAYERS])
     more = len(layers) - MAX_NAMED_LAYERS
     return shown + (f" and {more} more" if more > 0 else "")

@@ -139,9 +139,9 @@ def _per_layer(obs: Observation, s, rule: str, values: Mapping[str, float] | Non
     if status == FIRING:
         what = (f"Layer '{name}' {has}: {reading(value)} {cmp.symbol} {unit(fire)}" if len(layers) == 1 else
                 f"{len(layers)} layers {has.replace('has ', 'have ')}, worst '{name}': {reading(value)} "
-                f"{cmp.symbol} {unit(fire)} (also {named_layers(layers[1:])})")
+                f"{cmp.symbol} {unit(fire)} (also {named_layers(layers[1:], unit)})")
     else:
-        also = f" (also {named_layers(layers[1:])})" if len(layers) > 1 else ""
+        also = f" (also {named_layers(layers[1:], unit)})" if len(layers) > 1 else ""
         what = (f"Layer '{name}' {has}, not yet cleared: {reading(value)} {neg} {unit(fire)} but "
                 f"{cmp.symbol} {unit(release)}{also}")
     return [finding(obs, s, rule, what, fix, value, fire, status=status, layers=layers)]
