@@ -366,6 +366,9 @@ def test_stalled_message_names_the_users_frame_behind_a_library_wait():
     stack = STACK + '  File "/usr/lib/python3.11/threading.py", line 331, in wait\n    waiter.acquire()\n'
     obs = Observation(step=3, now=1000.0, last_progress_time=0.0, stack=stack)
     expect("stalled", obs, FIRING, "the training thread is in threading.py:331 (wait), called from model.py:57 (forward)")
+    others = 'Thread "MainThread":\n' + stack + '\nThread "tbhealth-watchdog":\n  File "/src/w.py", line 9, in tick\n'
+    expect("stalled", Observation(step=3, now=1000.0, last_progress_time=0.0, stack=others), FIRING,
+           "called from model.py:57 (forward), stack")
 
 
 def test_stalled_finding_carries_the_stack():

@@ -54,8 +54,9 @@ _LIBRARY = re.compile(r"[/\\]lib[/\\]python3[^/\\]*[/\\](?!site-packages)|[/\\]s
 
 def _where(stack: str | None) -> str:
     """'; the training thread is in threading.py:331 (wait), called from model.py:57 (forward)':
-    the innermost frame of a formatted Python stack, and the innermost frame of the user's code."""
-    frames = _FRAME.findall(stack or "")
+    the innermost frame of a formatted Python stack, and the innermost frame of the user's code.
+    With every thread's stack (``Thread "name":`` blocks), the first block is the training thread's."""
+    frames = _FRAME.findall(re.split(r'\n(?=Thread ")', stack or "")[0])  # the training thread's, listed first
     if not frames:
         return ""
     name = lambda f: f"{f[0].replace(chr(92), '/').rsplit('/', 1)[-1]}:{f[1]} ({f[2]})"  # noqa: E731
