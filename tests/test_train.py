@@ -167,3 +167,20 @@ def test_mid_epoch_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
     for ha, hb in zip(a, b):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert hb[key] == pytest.approx(ha[key], rel=1e-5), (ha["epoch"], key)
+
+
+@pytest.mark.parametrize("saved, found", [({"format": 99}, "format 99"), ({"model": {}}, "no format version")])
+def test_resume_refuses_a_checkpoint_of_another_format(tmp_path, saved, found):
+    from typer.testing import CliRunner
+
+    from tbhealth.training.checkpoint import FORMAT_VERSION
+    from tbhealth_cli.app import app
+
+    last = tmp_path / "old" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    torch.save(saved, last)
+    result = CliRunner().invoke(app, ["train", str(DIGITS), "--logdir", str(tmp_path), "--name", "old", "--resume"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    assert str(last) in message and found in message and f"reads format {FORMAT_VERSION}" in message
+    assert "Traceback" not in result.stderr
