@@ -22,28 +22,19 @@ if TYPE_CHECKING:
     from tbhealth.monitor.system import SystemSampler
 
 
-class Heartbeat:
-    """Builds the status from the run's progress and hands it to the sink; see the module doc."""
+class Heartbeat(PeriodicThread):
+    """Builds the status from the run's progress and hands it to the sink; see the module doc.
+
+    ``start()``, ``poke()`` and ``stop()`` drive the thread; ``run_once()`` writes on the calling
+    thread and reports a failure instead of raising it (the final status at close).
+    """
 
     def __init__(self, progress: Progress, sink: Sink, run: RunDir, *, health: HealthWatch | None,
                  system: SystemSampler | None, distributed: bool, interval: float = 1.0,
                  report: Report | None = None):
+        super().__init__("status writer", self.write, interval, report)
         self._progress, self._sink, self._run = progress, sink, run
         self._health, self._system, self._distributed = health, system, distributed
-        self._thread = PeriodicThread("status writer", self.write, interval, report)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def poke(self) -> None:
-        self._thread.poke()
-
-    def stop(self) -> None:
-        self._thread.stop()
-
-    def write_now(self) -> bool:
-        """Write the status on the calling thread; a failure is reported like the thread's."""
-        return self._thread.run_once()
 
     def write(self) -> None:
         """Build the status now and hand it to the sink (raises what the write raises)."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -86,6 +85,10 @@ class Monitor:
         reporter: Reporter | None = None, handle_signals: bool = True, system_metrics: bool = True,
         dist: DistContext | None = None, heartbeat_s: float = 1.0,
     ):
+        # bad arguments fail first: before a thread, a file or the run's directory exists
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be > 0 seconds (and well under 10), got {heartbeat_s}")
+        self.health = HealthWatch(health, model=model) if health is not False else None
         if run_dir is None:
             run_dir = unique_run_dir(logdir, name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.run = RunDir(run_dir)
@@ -102,8 +105,6 @@ class Monitor:
         self.reporter = reporter or Reporter(enabled=verbose and lead)
         self.sink: Sink = RunSink(self.run) if lead else Sink()
         self._log = log = RunLog(self.run, p, self.sink, self.reporter, rank=self.rank if dist else None, lead=lead)
-        # bad health settings fail here, before any thread or file exists
-        self.health = HealthWatch(health, model=model) if health is not False else None
         gpu_index = (device.index or 0) if device is not None and device.type == "cuda" else None
         self.system = SystemSampler(heartbeat_s, gpu_index) if lead and system_metrics else None
         self._heartbeat = Heartbeat(p, self.sink, self.run, health=self.health, system=self.system,
@@ -174,17 +175,9 @@ class Monitor:
         """Record a crash: state ``failed`` and the traceback in the run's log."""
         if self._closed:
             return
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        where = f"rank {self.rank}: " if self.dist else ""
-        self.log("ERROR", f"{where}training failed: {type(exc).__name__}: {exc}\n{tb}", echo=False)
-        self.reporter.log("ERROR", f"training failed: {type(exc).__name__}: {exc}")
         self._closed = True
-        self.progress.state = State.FAILED.value
-        self.progress.message = f"{where}{type(exc).__name__}: {exc}"
-        if self.dist and not self.is_writer:
-            self.run.record_rank_failure(self.rank, self.progress.message)
-        elif self.dist and (peers := self.run.rank_failures()):
-            self.progress.message = peers[0]["message"]  # the root cause, not this rank's broken pipe
+        message = self._log.crash(exc)
+        self.progress.state, self.progress.message = State.FAILED.value, message
         self._finish()
 
     def _finish(self) -> None:
@@ -195,7 +188,7 @@ class Monitor:
             if part is not None:
                 part.stop()
         self.reporter.close()
-        self._heartbeat.write_now()  # the final state; a failure is logged, not raised over the cause
+        self._heartbeat.run_once()  # the final state; a failure is logged, not raised over the cause
         self.sink.close(self.progress.global_step, self.progress.state)
 
     # ------------------------------------------------------------------ the loop's calls
@@ -298,32 +291,16 @@ class Monitor:
         """Stop at the next step boundary with a checkpoint (for code that decides to stop)."""
         self._controller.request_stop(reason)
 
-    @property
-    def should_stop(self) -> bool:
-        """True once a stop was applied (request, signal, health rule): leave the loop."""
-        return self._controller.should_stop
-
-    @property
-    def paused(self) -> bool:
-        return self._controller.paused
-
-    @property
-    def state(self) -> str:
-        """The run's state (``training``, ``paused``, ``stopped``, ``completed``, ``failed``, ...)."""
-        return self.progress.state
-
-    @property
-    def global_step(self) -> int:
-        return self.progress.global_step
-
-    @property
-    def epochs_done(self) -> int:
-        return self.progress.epochs_done
-
-    @property
-    def history(self) -> list[dict]:
-        """One dict per finished epoch: ``epoch`` and the metrics :meth:`end_epoch` returned."""
-        return list(self.progress.history)
+    # -- where the run is (read-only) --
+    should_stop = property(lambda self: self._controller.should_stop,
+                           doc="True once a stop was applied (request, signal, health rule): leave the loop.")
+    paused = property(lambda self: self._controller.paused, doc="True while paused (``step()`` is waiting).")
+    state = property(lambda self: self.progress.state,
+                     doc="The run's state: ``training``, ``paused``, ``stopped``, ``completed``, ``failed``, ...")
+    global_step = property(lambda self: self.progress.global_step, doc="Optimizer steps so far (resumes included).")
+    epochs_done = property(lambda self: self.progress.epochs_done, doc="Finished epochs.")
+    history = property(lambda self: list(self.progress.history),
+                       doc="One dict per finished epoch: ``epoch`` and the metrics :meth:`end_epoch` returned.")
 
     # ------------------------------------------------------------------ checkpoint state
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING
 
 from tbhealth.health.alerts import AlertEvent
@@ -114,7 +115,7 @@ class RunLog:
     def __init__(self, run: RunDir, progress: Progress, sink: Sink, reporter: Reporter, *,
                  rank: int | None, lead: bool):
         self._run, self._progress, self._sink, self._reporter = run, progress, sink, reporter
-        self._rank_field = {} if rank is None else {"rank": rank}
+        self._rank, self._rank_field = rank, {} if rank is None else {"rank": rank}
         self._lead = lead
         self._lock = threading.Lock()
 
@@ -135,6 +136,21 @@ class RunLog:
         """A run-wide event that every DDP rank meets at the same step: recorded once, by rank 0."""
         if self._lead:
             self.write(level, message)
+
+    def crash(self, exc: BaseException) -> str:
+        """Record a crash (the traceback in the log, one line on the terminal); returns the one
+        line the status shows. Under DDP a rank other than 0 also records its failure for rank 0,
+        and rank 0 names the first rank that failed: the root cause, not its own broken pipe."""
+        where = "" if self._rank is None else f"rank {self._rank}: "
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.write("ERROR", f"{where}training failed: {type(exc).__name__}: {exc}\n{tb}", echo=False)
+        self._reporter.log("ERROR", f"training failed: {type(exc).__name__}: {exc}")
+        message = f"{where}{type(exc).__name__}: {exc}"
+        if self._rank is not None and not self._lead:
+            self._run.record_rank_failure(self._rank, message)
+        elif self._rank is not None and (peers := self._run.rank_failures()):
+            message = peers[0]["message"]
+        return message
 
 
 def record_alerts(events: list[AlertEvent], sink: Sink, log: RunLog) -> list[tuple[str, str]]:

@@ -25,22 +25,16 @@ if TYPE_CHECKING:
 SYSTEM_SCALARS_EVERY_S = 5.0
 
 
-class Watchdog:
+class Watchdog(PeriodicThread):
     """Wall-clock health rules and system scalars; ``record`` takes the alert events it finds."""
 
     def __init__(self, progress: Progress, sink: Sink, *, health: HealthWatch | None,
                  system: SystemSampler | None, record: Callable[[list[AlertEvent]], None],
                  interval: float = 1.0, report: Report | None = None):
+        super().__init__("watchdog", self.tick, interval, report)
         self._progress, self._sink, self._record = progress, sink, record
         self._health, self._system = health, system
         self._next_scalars = 0.0
-        self._thread = PeriodicThread("watchdog", self.tick, interval, report)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._thread.stop()
 
     def tick(self) -> None:
         """One round: the wall-clock rules, then the system scalars when due."""
