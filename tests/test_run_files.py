@@ -400,21 +400,3 @@ def test_checkpoint_symlink_out_of_the_run_is_refused(tmp_path):
     (rd.checkpoint_dir / "evil.pt").symlink_to(secret)
     assert rd.checkpoint_file("evil.pt") is None
     assert rd.list_checkpoints() == []
-
-
-@pytest.mark.parametrize("state, why", [("completed", "it finished"), ("failed", "it failed"),
-                                        (None, "it has no heartbeat yet")])
-def test_send_control_refuses_a_run_that_is_not_live_and_writes_nothing(tmp_path, state, why):
-    from tbhealth.run.rundir import RunNotLiveError
-
-    rd = RunDir(tmp_path / "r")
-    rd.state_dir.mkdir(parents=True)
-    if state:
-        rd.write_status({"state": state})
-    with pytest.raises(RunNotLiveError) as e:
-        rd.send_control("pause", source="test")
-    assert (e.value.state, e.value.why) == (state or "unknown", why) and why in str(e.value)
-    assert not rd.control_path.exists()
-    rd.write_status({"state": "training"})
-    rid = rd.send_control("pause", source="test")
-    assert [r.id for r in rd.read_control(0)[0]] == [rid]
