@@ -95,7 +95,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("dead_relu_layer", "MLP whose fc2 bias is -10: act2 outputs 0 for every input", digits,
              models.dead_layer_mlp, epochs=2, expect=frozenset({"dead_neurons"}), onset=1),
     Scenario("corrupt_batch", f"MLP, Adam; the batch of step {CORRUPT_AT} is scaled 1e3 (between logging steps)",
-             digits, models.mlp, epochs=3, perturb=corrupt_batch, expect=frozenset({"divergence"}),
+             digits, models.mlp, epochs=5, perturb=corrupt_batch, expect=frozenset({"divergence"}),
              also=frozenset({"loss_spike", "exploding_gradients"}), onset=CORRUPT_AT),
     Scenario("overfit_tiny_train", "MLP 256x256 on 90 training digits, validated on 360", data.few_digits,
              partial(models.mlp, hidden=(256, 256)), epochs=30, expect=frozenset({"overfitting"}),

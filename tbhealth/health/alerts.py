@@ -5,9 +5,21 @@ while its condition persists (same id), and is resolved when a round that checke
 longer finds it. A rule not checked this round (its inputs were not measured: e.g. dead_neurons
 on a step without sampling) leaves its alerts open: silence is not health.
 
-Each event is the whole alert, shaped like ``tbhealth alerts --json``:
+The tracker alone decides whether an episode is new: each :class:`AlertEvent` it returns says
+whether it begins one (``starts_episode``), the event a configured action (pause, stop) acts on.
+An episode carried over by ``--resume`` is not new, so a resumed run is not paused again by it.
+
+Findings come in three states (see :mod:`tbhealth.health.findings`): a *firing* finding begins an
+episode or updates the open one; a *holding* finding (the value is back between the firing and
+the resolve threshold) only keeps an open episode open; an episode resolves when its rule's
+round says *clear* for it, and its message becomes that clear finding's, which says what
+cleared with the current value. One episode per rule (per rank under DDP): a per-layer rule's
+record lists every affected layer in ``layers``, worst first, each ``{layer, value}``.
+
+Each event's ``record`` is the whole alert, shaped like ``tbhealth alerts --json``:
 ``{id, rule, severity, message, epoch, step, time, layer, value, threshold, resolved, action}``
-plus ``rank`` under DDP. ``epoch``/``step``/``time`` are when the episode began; a reader that
+plus ``rank`` under DDP, ``layers`` for per-layer rules and ``stack`` (the training thread's
+Python stack) for ``stalled``. ``epoch``/``step``/``time`` are when the episode began; a reader that
 merges events by id (``RunDir.read_alerts``) gets the latest message, value and state.
 ``value``/``threshold`` are JSON numbers or ``null`` (NaN/Inf would not survive strict JSON).
 """
@@ -17,6 +29,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from tbhealth.health.rules import Finding, episode_key
 
@@ -48,6 +61,14 @@ def _new_id(rule: str) -> str:
     return f"{rule}-{uuid.uuid4().hex[:10]}"
 
 
+@dataclass(frozen=True)
+class AlertEvent:
+    """One alert record to append to the run's alerts, and whether it begins an episode."""
+
+    record: dict
+    starts_episode: bool = False
+
+
 class AlertTracker:
     """Turns each round's findings into alert events to record (fired, updated, resolved)."""
 
@@ -63,9 +84,6 @@ class AlertTracker:
         they keep their ids and resolve when their condition has cleared."""
         self.rel_change, self.refresh_s, self._new_id = rel_change, refresh_s, new_id
         self._open: dict[str, dict] = {}
-        #: Alerts that began in the latest ``update``: act (pause/stop) on these only, so that a
-        #: run resumed while its condition persists is not paused again by the same episode.
-        self.fired: list[dict] = []
         self._emitted: dict[str, tuple[float, float | None, str]] = {}  # key -> (time, value, message)
         for alert in open_alerts:
             if not alert.get("resolved"):
@@ -75,24 +93,26 @@ class AlertTracker:
 
     def update(
         self, findings: Sequence[Finding], *, epoch: int, step: int, now: float, checked: set[str]
-    ) -> list[dict]:
+    ) -> list[AlertEvent]:
         """Events to record for this round, in finding order, resolutions last.
 
-        ``checked``: ids of the rules evaluated this round (``rules.check`` returns them); only
-        their open alerts can resolve. Several findings with one key: the first wins.
+        ``checked``: the rules evaluated this round (``rules.check`` returns them, a
+        :class:`~tbhealth.health.findings.Checked`); an open alert resolves only when its episode
+        is among ``checked.cleared`` (a plain set of rule ids: when its rule was checked and did
+        not find it). Several findings with one key: the first wins.
         """
-        events: list[dict] = []
+        events: list[AlertEvent] = []
         seen: set[str] = set()
-        self.fired = []
         for f in findings:
             if f.key in seen:
                 continue
             seen.add(f.key)
             alert = self._open.get(f.key)
+            if alert is None and not f.firing:
+                continue  # not yet cleared, but nothing is open: it never fired, or it resolved
             if alert is None:
-                alert = self._open[f.key] = self._fire(f, epoch, step, now)
-                events.append(self._emit(f.key, now))
-                self.fired.append(events[-1])
+                self._open[f.key] = self._fire(f, epoch, step, now)
+                events.append(AlertEvent(self._emit(f.key, now), starts_episode=True))
                 continue
             previous = dict(alert)
             alert.update(
@@ -101,14 +121,21 @@ class AlertTracker:
                 value=_json_number(f.value),
                 threshold=_json_number(f.threshold),
                 action=f.action,
+                layer=f.layer,
+                **_details(f),
             )
             if self._worth_recording(f.key, previous, alert, now):
-                events.append(self._emit(f.key, now))
-        for key in [k for k, a in self._open.items() if k not in seen and a["rule"] in checked]:
+                events.append(AlertEvent(self._emit(f.key, now)))
+        cleared = getattr(checked, "cleared", None)
+        done = [k for k, a in self._open.items()
+                if k not in seen and (k in cleared if cleared is not None else a["rule"] in checked)]
+        for key in done:
             alert = self._open.pop(key)
             self._emitted.pop(key, None)
             alert["resolved"] = True
-            events.append(dict(alert))
+            if cleared:
+                alert["message"] = cleared[key]  # what cleared, never the firing condition
+            events.append(AlertEvent(dict(alert)))
         return events
 
     def active(self) -> list[dict]:
@@ -129,6 +156,7 @@ class AlertTracker:
             "threshold": _json_number(f.threshold),
             "resolved": False,
             "action": f.action,
+            **_details(f),
         }
         if f.rank is not None:
             alert["rank"] = f.rank
@@ -138,7 +166,9 @@ class AlertTracker:
         """Record at once what a reader must see (value moved a lot, severity/action/threshold
         changed); record small drifts at most every ``refresh_s``; never record identical rounds."""
         last_time, last_value, last_message = self._emitted[key]
-        if any(previous[k] != alert[k] for k in ("severity", "action", "threshold")):
+        if any(previous[k] != alert[k] for k in ("severity", "action", "threshold", "layer")):
+            return True
+        if _layer_names(previous) != _layer_names(alert):  # a layer joined or left the episode
             return True
         if _moved(last_value, alert["value"], self.rel_change):
             return True
@@ -149,6 +179,20 @@ class AlertTracker:
         alert = self._open[key]
         self._emitted[key] = (now, alert["value"], alert["message"])
         return dict(alert)
+
+
+def _details(f: Finding) -> dict:
+    """The optional parts of a record: ``layers`` (per-layer rules) and ``stack`` (stalled)."""
+    out: dict = {}
+    if f.layers:
+        out["layers"] = [{"layer": name, "value": _json_number(value)} for name, value in f.layers]
+    if f.stack:
+        out["stack"] = f.stack
+    return out
+
+
+def _layer_names(alert: dict) -> list[str]:
+    return [entry["layer"] for entry in alert.get("layers", ())]
 
 
 def health_score(active_alerts: Iterable[dict], warnings: int = 0, errors: int = 0) -> int:
