@@ -56,6 +56,7 @@ class HealthWatch:
         self._sampling = False  # the coming (or current) step is sampled
         self._probed = False  # the first sample also counted functional activations
         self.training_thread: int | None = None  # whose stack a stall shows
+        self._dense, self._every = self.cfg.dense_steps, self.cfg.every_steps  # plain ints: read every step
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` of an earlier session: open alerts keep their ids (and
@@ -85,18 +86,15 @@ class HealthWatch:
         """
         self._first_loss = loss.detach().float().reshape(()).clone()
 
-    def observes(self, step: int) -> bool:
-        """Whether ``step`` is sampled: each of the first ``dense_steps``, then every ``every_steps``."""
-        return step <= self.cfg.dense_steps or step % self.cfg.every_steps == 0
-
     # ------------------------------------------------------------------ training thread
 
     def before_step(self, next_step: int) -> None:
-        """Arm the instruments when the coming step is sampled. Gradient norms need no hooks, so a
-        model without activation modules is sampled all the same."""
+        """Arm the instruments when the coming step is sampled (each of the first ``dense_steps``,
+        then every ``every_steps``). Gradient norms need no hooks, so a model without activation
+        modules is sampled all the same."""
         if self.training_thread is None:
             self.training_thread = threading.get_ident()
-        if self.instruments is not None and self.observes(next_step):
+        if self.instruments is not None and (next_step <= self._dense or next_step % self._every == 0):
             self.instruments.arm(probe=not self._probed)
             self._sampling = True
 
@@ -131,7 +129,7 @@ class HealthWatch:
                 zero_fraction=r.get("zero_fraction"),
                 # gradients are all-reduced under DDP: every rank holds the same, judge them once
                 layer_grad_norms=first.get("layer_grad_norms") if i == 0 else None,
-                nonfinite=r.get("nonfinite"), rank=rank,
+                nonfinite=r.get("nonfinite") if i == 0 else None, rank=rank,
             )
             for i, (rank, r) in enumerate(samples)
         ]

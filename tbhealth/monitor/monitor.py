@@ -256,12 +256,12 @@ class Monitor:
             self._window.add(p.global_step, loss, grad_norm)
             if health.wants_first_loss:  # divergence compares with step 1's loss
                 health.note_first_loss(loss)
-            if health.armed:
-                self._readings.sample(grad_norm)
         regular = p.global_step % self.log_every == 0
-        if regular or p.global_step <= self._dense:
+        if regular or p.global_step <= self._dense:  # the losses first: under DDP they name the rank
             self._readings.log_step(loss, grad_norm, closes=regular)
         if health is not None:
+            if health.armed:
+                self._readings.sample(grad_norm)
             health.before_step(p.global_step + 1)
         self._controller.after_step(p.global_step)
         self.reporter.step(p.batch, self._readings.last_loss)
