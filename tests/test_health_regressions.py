@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -26,16 +27,7 @@ from tbhealth.run.rundir import RunDir
 from tbhealth_cli.app import app
 from tests.plugin_helpers import REPO
 
-EXAMPLES = REPO / "examples"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+EXAMPLES = REPO / "examples"  # every training runs on one thread (tests/conftest.py)
 
 
 def scenario(tmp_path: Path, name: str, **changes):
@@ -270,7 +262,7 @@ def test_stop_on_a_hung_step_interrupts_it_and_ends_the_run(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(textwrap.dedent(STOP_ON_HANG))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          cwd=REPO, env={**__import__("os").environ, **ONE_THREAD, "PYTHONPATH": str(REPO)})
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     status = RunDir(tmp_path / "hung").read_status()
     assert status["state"] == "stopped" and "stalled" in status["message"], (status, proc.stderr[-2000:])
     assert status["global_step"] == 4
