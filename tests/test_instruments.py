@@ -350,3 +350,14 @@ def test_thread_stack_shows_where_a_thread_waits():
         release.set()
         t.join()
     assert thread_stack(t.ident) is None
+
+
+def test_a_clipped_sample_is_judged_at_its_pre_clip_size():
+    from tbhealth.instruments.watch import _pre_clip
+
+    clipped = {"global_grad_norm": 1.0, "layer_grad_norms": {"fc1": 1e-4, "out": 0.99}, "reported_grad_norm": 1e4}
+    scaled = _pre_clip(clipped)
+    assert scaled["global_grad_norm"] == 1e4 and scaled["layer_grad_norms"] == pytest.approx({"fc1": 1.0, "out": 9900})
+    unclipped = {"global_grad_norm": 3.0, "layer_grad_norms": {"fc1": 1e-9}, "reported_grad_norm": 3.0}
+    assert _pre_clip(unclipped) is unclipped  # not clipped: judged as measured (fc1 still vanishes)
+    assert _pre_clip({"global_grad_norm": 3.0, "reported_grad_norm": None})["global_grad_norm"] == 3.0
