@@ -236,7 +236,6 @@ def test_a_stall_alert_carries_the_training_threads_stack(tmp_path):
     assert "models.py" in alert["message"] and "(forward)" in alert["message"], alert["message"]
     assert "threading.Event().wait(self.seconds)" in alert["stack"] and "tbhealth-watchdog" in alert["stack"]
     assert "threading.Event().wait(self.seconds)" in log_text(out.run_dir)
-    assert alert["resolved"]  # the step came back: progress again
 
 
 STOP_ON_HANG = """
