@@ -302,31 +302,32 @@ def test_window_sees_every_step_without_reading_back():
     from tbhealth.instruments.window import StepWindow
 
     window = StepWindow()
-    for step, (loss, norm) in enumerate([(2.3, 5.0), (3e20, 1.7e4), (2.0, None), (1.9, 3.0)], start=11):
-        window.add(step, torch.tensor(loss), None if norm is None else torch.tensor(norm))
-    first, values = window.take()
+    window.note_norm(torch.tensor(5.0))
+    window.note_norm(torch.tensor(1.7e4))
+    window.absorb([torch.tensor(2.3), torch.tensor(3e20)])  # steps 11 and 12, folded on step 12
+    window.absorb([torch.tensor(2.0), torch.tensor(1.9)])  # steps 13 and 14
+    first, values = window.take(14)
     assert first == 11 and values.tolist() == [pytest.approx(3e20, rel=1e-6), 0.0, 1.7e4]
-    assert window.take() == (None, None)  # a new window
-    window.add(20, torch.tensor(9.0))
-    assert window.peek()[1].tolist() == [9.0, 0.0, -1.0]
-    window.add(21, torch.tensor(1.0))
-    first, values = window.peek()  # peeking does not end the window: 21 alone would look fine
+    assert window.take(15) == (None, None) and window.empty  # a new window
+    window.absorb([torch.tensor(9.0)])
+    assert window.peek(20)[1].tolist() == [9.0, 0.0, -1.0]  # no norm reported: -1
+    window.absorb([torch.tensor(1.0)])
+    first, values = window.peek(21)  # peeking does not end the window: 21 alone would look fine
     assert first == 20 and values.tolist() == [9.0, 0.0, -1.0]
 
 
-def test_window_flags_a_nan_and_folds_long_windows():
+def test_window_flags_a_nan_and_bounds_its_norm_list():
     from tbhealth.instruments import window as w
 
     win = w.StepWindow()
-    for i in range(w.MAX_PENDING * 2 + 3):  # folded twice on the way: the lists stay bounded
-        win.add(i + 1, torch.tensor(float("nan") if i == 7 else 1.0 + i))
-        assert len(win._losses) < w.MAX_PENDING
-    first, values = win.take()
-    max_loss, bad, norm = values.tolist()
-    assert first == 1 and bad == 1.0 and norm == -1.0 and max_loss != max_loss  # NaN: the max propagates it
-    win.add(1000, torch.tensor(-float("inf")))
-    win.add(1001, torch.tensor(0.5))
-    assert win.take()[1].tolist()[:2] == [0.5, 1.0]  # -inf is non-finite though it is not the max
+    for i in range(w.MAX_PENDING * 2 + 3):
+        win.note_norm(torch.tensor(float(i)))
+        assert len(win._norms) < w.MAX_PENDING
+    win.absorb([torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(2.0)])
+    max_loss, bad, norm = win.take(3)[1].tolist()
+    assert bad == 1.0 and norm == w.MAX_PENDING * 2 + 2 and max_loss != max_loss  # NaN: the max propagates it
+    win.absorb([torch.tensor(-float("inf")), torch.tensor(0.5)])
+    assert win.take(5)[1].tolist()[:2] == [0.5, 1.0]  # -inf is non-finite though it is not the max
 
 
 def test_thread_stack_shows_where_a_thread_waits():

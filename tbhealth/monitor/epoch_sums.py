@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from tbhealth.distributed import DistContext
+from tbhealth.instruments.window import StepWindow
 
 #: Steps whose loss waits for a logging step before it is summed (bounds the list's memory).
 MAX_PENDING = 256
@@ -20,8 +21,9 @@ MAX_PENDING = 256
 class EpochSums:
     """Device-side sums of the epoch in progress; see the module docstring."""
 
-    def __init__(self, dist: DistContext | None = None):
-        self._dist = dist
+    def __init__(self, dist: DistContext | None = None, window: StepWindow | None = None):
+        """``window``: also hands every folded step's loss to the health engine's logging window."""
+        self._dist, self._window = dist, window
         self._pending: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
         self._loss: torch.Tensor | None = None
         self._correct: torch.Tensor | None = None
@@ -50,6 +52,8 @@ class EpochSums:
         """Add the steps reported since the last fold to the sums, on the device; returns the
         running loss sum (a tensor: nothing is read back here)."""
         pending, self._pending = self._pending, []
+        if pending and self._window is not None:
+            self._window.absorb([loss for loss, _, _ in pending])
         if pending:
             by_n: dict[int, list[torch.Tensor]] = {}
             for loss, n, _ in pending:

@@ -120,8 +120,8 @@ class Monitor:
         self._channel = ControlChannel(self.run) if lead else None  # rank 0 reads requests, every rank obeys
         self._controller = Controller(p, log=log, sink=self.sink, channel=self._channel, dist=dist,
                                       save=self._checkpoint, poke=self._heartbeat.poke, run_path=self.run_dir)
-        self.sums = EpochSums(dist)
         self._window = StepWindow() if self.health is not None else None
+        self.sums = EpochSums(dist, window=self._window)  # every step's loss also reaches the window
         #: each of the run's first steps logs, so a bad initialisation shows before it settles
         self._dense = self.health.cfg.dense_steps if self.health is not None and self.health.cfg.enabled else 0
         self._readings = Readings(p, self.sums, self.sink, model=model, health=self.health,
@@ -257,7 +257,8 @@ class Monitor:
         self.sums.add(loss, n, correct)
         health = self.health
         if health is not None:
-            self._window.add(p.global_step, loss, grad_norm)
+            if grad_norm is not None:
+                self._window.note_norm(grad_norm)
             if health.wants_first_loss:  # divergence compares with step 1's loss
                 health.note_first_loss(loss)
         regular = p.global_step % self.log_every == 0

@@ -47,12 +47,14 @@ class Readings:
         ``closes``: the window ends here (a regular logging step); one of the densely observed
         first steps looks into the window without ending it."""
         p = self._p
-        self._sums.fold()  # bounds the epoch's list; its sums are read at the epoch's end
+        self._sums.fold()  # bounds the epoch's list, and hands every step's loss since to the window
         if grad_norm is None and self._model is not None:
             grads = [q.grad for q in self._model.parameters() if q.grad is not None]
             if grads:
                 grad_norm = torch.nn.utils.get_total_norm(grads)
-        start, window = (self._window.take() if closes else self._window.peek()) if self._window else (None, None)
+        step = p.global_step
+        window = self._window
+        start, window = (window.take(step) if closes else window.peek(step)) if window is not None else (None, None)
         parts = [loss.float().reshape(1)] + ([window.to(loss.device)] if window is not None else [])
         if grad_norm is not None:
             parts.append(grad_norm.detach().float().reshape(1).to(loss.device))
@@ -75,9 +77,10 @@ class Readings:
     def close_window(self) -> None:
         """Judge the steps since the last logging step now (an epoch's end, already a sync point):
         the last window of an epoch, or of a run, is never left unjudged."""
-        if self._window is None or self._window.first_step is None:
+        self._sums.fold()  # hands the window the epoch's last losses
+        if self._window is None or self._window.empty:
             return
-        start, window = self._window.take()
+        start, window = self._window.take(self._p.global_step)
         largest, bad, reported = window.tolist()  # the sync
         readings = self._gather((self._rank, float("nan"), start, largest, bool(bad), None if reported < 0 else reported))
         if self._judge is not None:
