@@ -5,11 +5,12 @@ drives the torch instruments on sampled steps, and serialises access to the aler
 which the training thread (steps, epochs) and the monitor's watchdog thread (memory, stalls)
 both use. Whether an alert is new is the tracker's answer (``AlertEvent.starts_episode``).
 
-Every round on the training thread judges the whole current picture: this round's sample (if
-any), the latest logging window of each rank and the epoch history. A rule then reads the same
-inputs whichever kind of step triggered the round, so its verdict cannot swing between "firing"
-on logging steps and "clear" at epoch ends (the flapping of issue #10); a rule whose inputs a
-round lacks (a layer rule between samples) is not checked and its alerts stay open.
+Logging rounds and epoch rounds both judge the whole current picture: the latest logging window
+of each rank and the epoch history. A rule then reads the same inputs whichever kind of step
+triggered the round, so its verdict cannot swing between "firing" on logging steps and "clear"
+at epoch ends (the flapping of issue #10). A sample round judges the sample alone: the rules it
+feeds read nothing else, and the others find no input in it. A rule whose inputs a round lacks
+is not checked and its alerts stay open.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class HealthWatch:
             )
             for i, (rank, r) in enumerate(samples)
         ]
-        return scalars, self._round(observations, epoch, step)
+        # alone: the loss and epoch rules find no input in a sample and stay as the last round left them
+        return scalars, self._run(observations, epoch, step)
 
     def on_log_step(self, *, epoch: int, step: int, readings: list[Reading], closes: bool = True
                     ) -> list[AlertEvent]:
@@ -164,7 +166,7 @@ class HealthWatch:
             self.step_losses.append((step, sum(largest) / len(largest)))
         if norm is not None and math.isfinite(norm) and closes:
             self.grad_norms.append(norm)
-        return self._round([], epoch, step)
+        return self._round(epoch, step)
 
     def on_epoch(self, *, epoch: int, step: int, history: list[dict],
                  counts: tuple[int | None, int | None] = (None, None)) -> list[AlertEvent]:
@@ -174,12 +176,12 @@ class HealthWatch:
                                           train_count=self._counts.get(h["epoch"], (None, None))[0],
                                           val_count=self._counts.get(h["epoch"], (None, None))[1])
                              for h in history)
-        return self._round([], epoch, step)
+        return self._round(epoch, step)
 
-    def _round(self, observations: list[Observation], epoch: int, step: int) -> list[AlertEvent]:
-        """This round's observations plus the latest windows and the epoch history (rank 0's
-        reduced metrics, judged once without a rank)."""
-        whole = observations + self._windows
+    def _round(self, epoch: int, step: int) -> list[AlertEvent]:
+        """The latest windows and the epoch history (rank 0's reduced metrics, judged once
+        without a rank)."""
+        whole = list(self._windows)
         if self._epochs:
             whole.append(Observation(epoch=epoch, step=step, now=time.time(), epochs=self._epochs))
         return self._run(whole, epoch, step) if whole else []
