@@ -1,0 +1,96 @@
+"""``tbhealth.integrations.lightning.TBHealthCallback`` in real Lightning trainings (CPU, offline):
+the digits module of examples/lightning_digits.py in 1 and 2 Gloo processes, steered from the
+real ``tbhealth`` CLI, a planted NaN, and a Lightning resume into the same tbhealth run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tbhealth.run.rundir import RunDir
+from tests.integration_helpers import (ENV, REPO, acks, only_run, run_app, scalars, start_app, steer,
+                                       wait_run)
+
+pytestmark = pytest.mark.slow
+
+
+def lightning_run(logdir: Path, version: int = 0) -> Path:
+    """Where the callback puts the run: next to the TensorBoardLogger's own events."""
+    return logdir / "lightning_logs" / f"version_{version}" / "tbhealth"
+
+
+def steer_through_a_live_run(tmp_path: Path, *args: str) -> tuple[Path, dict]:
+    """Start a long training, pause, resume, checkpoint and stop it from the CLI."""
+    logdir, out = tmp_path / "pl", tmp_path / "pl.out"
+    proc = start_app("lightning", out, "--logdir", str(logdir), "--epochs", "1000", "--log-every", "4",
+                     "--step-sleep", "0.01", *args)
+    run = lightning_run(logdir)
+    try:
+        wait_run(run, ("training",), proc, out, timeout=240)
+        assert "paused at epoch" in steer(run, "pause")
+        assert RunDir(run).read_status()["state"] == "paused"
+        assert "resumed at epoch" in steer(run, "resume")
+        printed = steer(run, "checkpoint").split()
+        manual = Path(printed[-1])
+        assert manual.parent == run / "checkpoints" and manual.name.startswith("manual-step-")
+        assert manual.suffix == ".ckpt" and manual.is_file()  # acknowledged once the file exists
+        assert "stopping at epoch" in steer(run, "stop")
+        assert proc.wait(120) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return run, RunDir(run).read_status()
+
+
+def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
+    run, status = steer_through_a_live_run(tmp_path)
+    assert status["state"] == "stopped"
+    assert status["interventions"] == {"pauses": 1, "resumes": 1, "checkpoints": 1, "stops": 1}
+    assert [a["status"] for a in acks(run)] == ["done"] * 4
+    stop_ckpt = next((run / "checkpoints").glob("stop-step-*.ckpt"))
+    acc = scalars(run)
+    logged = [e.step for e in acc.Scalars("step/loss")]
+    assert logged and all(s % 4 == 0 for s in logged)  # one step per optimizer step, read every 4th
+    assert "step/grad_norm" in acc.Tags()["scalars"]
+    stopped_at, done = status["global_step"], status["epochs_done"]
+
+    run_app("lightning", "--logdir", str(tmp_path / "pl"), "--epochs", str(done + 2), "--resume", str(stop_ckpt))
+    assert only_run(tmp_path / "pl") == run  # Lightning's logger opened version_1; tbhealth continued
+    resumed = RunDir(run).read_status()
+    assert resumed["state"] == "completed" and resumed["epochs_done"] == done + 2
+    assert resumed["global_step"] > stopped_at
+    assert resumed["interventions"]["stops"] == 1  # counted in the stop checkpoint, not lost
+    epochs = [e.step for e in scalars(run).Scalars("train/loss")]
+    assert epochs == list(range(1, done + 3))  # the stopped epoch was finished once, not twice
+
+
+def test_a_planted_nan_raises_divergence_and_its_stop_action_ends_training(tmp_path):
+    logdir = tmp_path / "pl"
+    run_app("lightning", "--logdir", str(logdir), "--epochs", "3", "--log-every", "4", "--nan-at", "6")
+    run = lightning_run(logdir)
+    alerts = RunDir(run).read_alerts()
+    assert [a["rule"] for a in alerts if not a.get("resolved")][:1] == ["divergence"], alerts
+    status = RunDir(run).read_status()
+    assert status["state"] == "stopped" and status["global_step"] < 23  # stopped in the first epoch
+    assert "divergence" in (status["message"] or "")
+
+
+def test_two_gloo_processes_obey_the_cli_together(tmp_path):
+    run, status = steer_through_a_live_run(tmp_path, "--devices", "2")
+    assert status["state"] == "stopped" and status["world_size"] == 2
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1, "rank 0 alone writes events"
+    assert len(list((run / "checkpoints").glob("manual-step-*.ckpt"))) == 1
+    records, _ = RunDir(run).read_log()
+    ends = {r["rank"]: r["message"] for r in records if r.get("rank") is not None and " at step " in r["message"]}
+    assert sorted(ends) == [0, 1] and len({m.split(" at ")[1] for m in ends.values()}) == 1  # same step
+
+
+def test_without_lightning_the_import_names_the_extra():
+    code = ("import sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None\n"
+            "try:\n    import tbhealth.integrations.lightning\nexcept ImportError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
+    assert "pip install 'tbhealth[lightning]'" in proc.stdout, proc.stdout + proc.stderr
