@@ -59,8 +59,8 @@ def hf(argv: list[str]) -> None:
     class Planted(BertForSequenceClassification):
         optimizer_steps = 0
 
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
+        def forward(self, input_ids=None, labels=None, **kwargs):  # named: the Trainer keeps these columns
+            out = super().forward(input_ids=input_ids, labels=labels, **kwargs)
             if self.training:
                 time.sleep(sleep)
                 self.optimizer_steps += 1  # one micro-batch per step in these tests
