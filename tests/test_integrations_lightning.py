@@ -14,8 +14,6 @@ from tbhealth.run.rundir import RunDir
 from tests.integration_helpers import (ENV, REPO, acks, only_run, run_app, scalars, start_app, steer,
                                        wait_run)
 
-pytestmark = pytest.mark.slow
-
 
 def lightning_run(logdir: Path, version: int = 0) -> Path:
     """Where the callback puts the run: next to the TensorBoardLogger's own events."""
@@ -46,6 +44,7 @@ def steer_through_a_live_run(tmp_path: Path, *args: str) -> tuple[Path, dict]:
     return run, RunDir(run).read_status()
 
 
+@pytest.mark.slow
 def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
     run, status = steer_through_a_live_run(tmp_path)
     assert status["state"] == "stopped"
@@ -68,6 +67,7 @@ def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
     assert epochs == list(range(1, done + 3))  # the stopped epoch was finished once, not twice
 
 
+@pytest.mark.slow
 def test_a_planted_nan_raises_divergence_and_its_stop_action_ends_training(tmp_path):
     logdir = tmp_path / "pl"
     run_app("lightning", "--logdir", str(logdir), "--epochs", "3", "--log-every", "4", "--nan-at", "6")
@@ -79,6 +79,7 @@ def test_a_planted_nan_raises_divergence_and_its_stop_action_ends_training(tmp_p
     assert "divergence" in (status["message"] or "")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_obey_the_cli_together(tmp_path):
     run, status = steer_through_a_live_run(tmp_path, "--devices", "2")
     assert status["state"] == "stopped" and status["world_size"] == 2
@@ -89,8 +90,20 @@ def test_two_gloo_processes_obey_the_cli_together(tmp_path):
     assert sorted(ends) == [0, 1] and len({m.split(" at ")[1] for m in ends.values()}) == 1  # same step
 
 
+@pytest.mark.slow
 def test_without_lightning_the_import_names_the_extra():
     code = ("import sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None\n"
             "try:\n    import tbhealth.integrations.lightning\nexcept ImportError as e:\n    print(e)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
     assert "pip install 'tbhealth[lightning]'" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_frameworks_are_extras_never_base_dependencies():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    frameworks = ("lightning", "transformers", "accelerate", "pytorch-lightning")
+    assert not [d for d in project["dependencies"] if d.split("[")[0].split(">")[0].strip() in frameworks]
+    extras = project["optional-dependencies"]
+    assert extras["lightning"] == ["lightning>=2.2"] and extras["transformers"] == ["transformers[torch]>=4.46"]
+    assert set(extras["lightning"] + extras["transformers"]) <= set(extras["test"])  # CI runs these tests

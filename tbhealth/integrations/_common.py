@@ -112,8 +112,14 @@ class Monitor(_Base):
     def step(self, loss, *, lr=None, **kw):
         super().step(loss, **kw)
 
-    def alive(self):
+    def keep_alive(self):
         self.progress.last_step_time = _time.time()
+
+    def start_epoch(self, epoch, batches_per_epoch=None, batch=None):
+        p = self.progress
+        if batch is None:
+            batch = p.batch if epoch == p.epoch > p.epochs_done else 0
+        super().start_epoch(epoch, batches_per_epoch, batch)
 
     @property
     def checkpoint_dir(self):

@@ -126,10 +126,8 @@ class TBHealthCallback(L.Callback):
     # ------------------------------------------------------------------ epochs and steps
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        mon = self.monitor
-        epoch = trainer.current_epoch + 1
-        resumed = mon.progress.batch if mon.progress.epoch == epoch else 0  # a mid-epoch checkpoint
-        mon.start_epoch(epoch, self._per_epoch, resumed)
+        # a resumed epoch continues at the position the checkpoint's monitor state holds
+        self.monitor.start_epoch(trainer.current_epoch + 1, self._per_epoch)
         self._epoch_open = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -162,7 +160,7 @@ class TBHealthCallback(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
         if self.monitor is not None and not trainer.sanity_checking:
-            self.monitor.alive()  # a long validation is progress, not a stalled run
+            self.monitor.keep_alive()  # a long validation is progress, not a stalled run
 
     def on_validation_end(self, trainer, pl_module) -> None:
         mon = self.monitor

@@ -140,11 +140,9 @@ class TBHealthCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ epochs
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        mon = self.monitor
-        epoch = int(state.epoch or 0) + 1
         per_epoch = -(-len(train_dataloader) // args.gradient_accumulation_steps) if train_dataloader else None
-        resumed = mon.progress.batch if mon.progress.epoch == epoch else 0  # resumed mid-epoch
-        mon.start_epoch(epoch, per_epoch, resumed)
+        # state.epoch is fractional (1.43 after a mid-epoch resume); the monitor state holds the position
+        self.monitor.start_epoch(int(state.epoch or 0) + 1, per_epoch)
         self._epoch_done, self._val = False, {}
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -161,7 +159,7 @@ class TBHealthCallback(TrainerCallback, ExportableState):
 
     def on_prediction_step(self, args, state, control, **kwargs):
         if self.monitor is not None:
-            self.monitor.alive()  # a long evaluation is progress, not a stalled run
+            self.monitor.keep_alive()  # a long evaluation is progress, not a stalled run
 
     def _end_epoch(self) -> None:
         self._epoch_done = False
