@@ -79,3 +79,20 @@ def only_run(logdir: Path) -> Path:
     runs = list_run_dirs(logdir)
     assert len(runs) == 1, f"expected one run under {logdir}, found {runs}"
     return runs[0]
+
+
+def stopped_by_divergence(run: Path) -> dict:
+    """The run's status, after checking that ``divergence`` fired first and its action stopped it."""
+    alerts = RunDir(run).read_alerts()
+    assert [a["rule"] for a in alerts if not a.get("resolved")][:1] == ["divergence"], alerts
+    status = RunDir(run).read_status()
+    assert status["state"] == "stopped" and "divergence" in (status["message"] or ""), status
+    return status
+
+
+def import_error_without(hidden: tuple[str, ...], module: str) -> str:
+    """The ImportError message of ``import module`` in a Python where ``hidden`` cannot be imported."""
+    code = (f"import sys; sys.modules.update(dict.fromkeys({hidden!r}))\n"
+            f"try:\n    import {module}\nexcept ImportError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
+    return proc.stdout + proc.stderr

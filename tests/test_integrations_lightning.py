@@ -4,15 +4,13 @@ real ``tbhealth`` CLI, a planted NaN, and a Lightning resume into the same tbhea
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tbhealth.run.rundir import RunDir
-from tests.integration_helpers import (ENV, REPO, acks, only_run, run_app, scalars, start_app, steer,
-                                       wait_run)
+from tests.integration_helpers import (REPO, acks, import_error_without, only_run, run_app, scalars, start_app,
+                                       steer, stopped_by_divergence, wait_run)
 
 
 def lightning_run(logdir: Path, version: int = 0) -> Path:
@@ -71,12 +69,7 @@ def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
 def test_a_planted_nan_raises_divergence_and_its_stop_action_ends_training(tmp_path):
     logdir = tmp_path / "pl"
     run_app("lightning", "--logdir", str(logdir), "--epochs", "3", "--log-every", "4", "--nan-at", "6")
-    run = lightning_run(logdir)
-    alerts = RunDir(run).read_alerts()
-    assert [a["rule"] for a in alerts if not a.get("resolved")][:1] == ["divergence"], alerts
-    status = RunDir(run).read_status()
-    assert status["state"] == "stopped" and status["global_step"] < 23  # stopped in the first epoch
-    assert "divergence" in (status["message"] or "")
+    assert stopped_by_divergence(lightning_run(logdir))["global_step"] < 23  # in the first epoch
 
 
 @pytest.mark.slow
@@ -92,10 +85,8 @@ def test_two_gloo_processes_obey_the_cli_together(tmp_path):
 
 @pytest.mark.slow
 def test_without_lightning_the_import_names_the_extra():
-    code = ("import sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None\n"
-            "try:\n    import tbhealth.integrations.lightning\nexcept ImportError as e:\n    print(e)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
-    assert "pip install 'tbhealth[lightning]'" in proc.stdout, proc.stdout + proc.stderr
+    message = import_error_without(("lightning", "pytorch_lightning"), "tbhealth.integrations.lightning")
+    assert "pip install 'tbhealth[lightning]'" in message, message
 
 
 def test_frameworks_are_extras_never_base_dependencies():

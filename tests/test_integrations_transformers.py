@@ -6,15 +6,13 @@ checked against the ones the Trainer logs itself."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tbhealth.run.rundir import RunDir
-from tests.integration_helpers import (ENV, REPO, acks, only_run, run_app, scalars, start_app, steer,
-                                       wait_run)
+from tests.integration_helpers import (acks, import_error_without, only_run, run_app, scalars, start_app, steer,
+                                       stopped_by_divergence, wait_run)
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +58,7 @@ def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
 def test_a_planted_nan_raises_divergence_though_the_trainer_filters_it_from_its_logs(tmp_path):
     output = tmp_path / "hf"
     run_app("hf", "--output-dir", str(output), "--epochs", "2", "--logging-steps", "4", "--nan-at", "6")
-    run = hf_run(output)
-    alerts = RunDir(run).read_alerts()
-    assert [a["rule"] for a in alerts if not a.get("resolved")][:1] == ["divergence"], alerts
-    status = RunDir(run).read_status()
-    assert status["state"] == "stopped" and "divergence" in (status["message"] or "")
-    assert status["global_step"] < 45  # the first epoch
+    assert stopped_by_divergence(hf_run(output))["global_step"] < 45  # in the first epoch
 
 
 def test_step_values_are_the_ones_the_trainer_logs(tmp_path):
@@ -86,7 +79,5 @@ def test_step_values_are_the_ones_the_trainer_logs(tmp_path):
 
 
 def test_without_transformers_the_import_names_the_extra():
-    code = ("import sys; sys.modules['transformers'] = None\n"
-            "try:\n    import tbhealth.integrations.transformers\nexcept ImportError as e:\n    print(e)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
-    assert "pip install 'tbhealth[transformers]'" in proc.stdout, proc.stdout + proc.stderr
+    message = import_error_without(("transformers",), "tbhealth.integrations.transformers")
+    assert "pip install 'tbhealth[transformers]'" in message, message

@@ -42,8 +42,8 @@ import torch
 from tbhealth.integrations._common import Monitor, StepWindow, batch_size, dist_context, json_safe, require
 from tbhealth.run.names import unique_run_dir
 
-require("accelerate", "transformers", "tbhealth.integrations.transformers")
-_hf = require("transformers", "transformers", "tbhealth.integrations.transformers")
+for _needed in ("transformers", "accelerate"):  # the Trainer runs on accelerate
+    require(_needed, "transformers", "tbhealth.integrations.transformers")
 from transformers.trainer_callback import ExportableState, TrainerCallback  # noqa: E402
 
 RESUME_HINT = "resume with `trainer.train(resume_from_checkpoint=True)`"
