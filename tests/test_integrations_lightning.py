@@ -43,6 +43,8 @@ def steer_through_a_live_run(tmp_path: Path, *args: str) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="Monitor gap (issue #12 point 3, after core9): the stop checkpoint is "
+                   "written before the stops count is incremented, so a resume loses it")
 def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
     run, status = steer_through_a_live_run(tmp_path)
     assert status["state"] == "stopped"
