@@ -99,7 +99,13 @@ def json_safe(value: Any) -> Any:
 
 # --------------------------------------------------------------------------- PROTOTYPE SHIM
 # Maps the public Monitor calls the integrations need onto the Monitor of main@dabb3e0; removed
-# once the reshaped Monitor (branch core9) is merged and has them.
+# once the reshaped Monitor (branch core9) is merged and has them. Still missing there (issue #12
+# point 3): total_steps= (ETA/progress of step-driven runs), step(lr=) with a per-step `lr` scalar,
+# resume into the same run from the state alone (state_dict() carrying run_dir), checkpoint_dir,
+# resume_hint= (stop/resume messages and the CLI's hints name what applies to this loop),
+# handle_signals chaining to the previous handler, a deferred acknowledgement (checkpoint_fn
+# returns a pending path; the integration reports the write when the framework has done it), the
+# stops count inside the stop checkpoint, and a JSON-safe state_dict (HF trainer_state.json).
 import time as _time  # noqa: E402
 
 from tbhealth.monitor.monitor import Monitor as _Base  # noqa: E402
