@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -286,3 +288,61 @@ def test_a_failing_status_write_is_logged_and_its_recovery_too(tmp_path):
     records, _ = rd.read_log()
     assert sum("status writer failed" in r["message"] for r in records) == 1, "reported once per streak"
     assert rd.read_status()["state"] == "completed" and rd.read_status()["log_counts"]["errors"] == 1
+
+
+def test_a_checkpoint_written_in_the_background_is_acknowledged_once_on_disk(tmp_path, data):
+    """``checkpoint_fn`` may return a Future (an asynchronous writer, a framework that saves later):
+    the request's acknowledgement waits for it, the run keeps training meanwhile, and a stop waits
+    for its own checkpoint before the loop is told to leave."""
+    model, writes, release = mlp(), [], threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    def save(kind, state):
+        path = tmp_path / f"{kind}-{state['global_step']}.pt"
+
+        def write():
+            if kind == "manual":
+                assert release.wait(60)
+            torch.save({"monitor": state}, path)
+            writes.append(path.name)
+            return path
+
+        return pool.submit(write)
+
+    with make_monitor(tmp_path, "async", model, health=False, checkpoint_fn=save) as mon:
+        rid = mon.run.request_control("checkpoint", source="test")
+        loader, _ = data
+        steps, deadline = 0, time.monotonic() + 60
+        while rid not in mon.run.read_acks() and time.monotonic() < deadline:
+            for x, y in loader:  # training goes on while the write waits
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                mon.optimizer.step()
+                mon.step(loss, n=len(x))
+                mon.optimizer.zero_grad()
+                steps += 1
+                if steps == 50:  # polled by now (every 0.1 s) and still held back: no answer yet
+                    assert rid not in mon.run.read_acks() and writes == []
+                    release.set()
+        ack = mon.run.read_acks()[rid]
+        assert ack["status"] == "done" and ack["checkpoint"] in writes, ack
+        mon.request_stop("test asked to stop")
+        mon.step(loss.detach(), n=1)
+        assert mon.should_stop and any(w.startswith("stop-") for w in writes)
+    status = RunDir(mon.run_dir).read_status()
+    assert status["interventions"]["checkpoints"] == 1 and status["interventions"]["stops"] == 1
+    assert status["last_checkpoint"].startswith("stop-")
+    pool.shutdown()
+
+
+def test_the_stop_checkpoint_stores_the_stop_it_belongs_to(tmp_path, data):
+    """A resumed run keeps counting the stop that ended its previous session."""
+    model, saved = mlp(), {}
+
+    def save(kind, state):
+        saved[kind] = state
+        return tmp_path / f"{kind}.pt"
+
+    with make_monitor(tmp_path, "stops", model, health=False, checkpoint_fn=save) as mon:
+        run_loop(mon, model, data, stop_at=2)
+    assert saved["stop"]["interventions"]["stops"] == 1

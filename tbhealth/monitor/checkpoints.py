@@ -5,15 +5,24 @@ at a step boundary, for a ``manual`` request, before a ``stop``, or when the loo
 ``Monitor.save_checkpoint``. The hook gets the monitor's own state to store with it, so a
 resumed run can hand it back (``Monitor.load_state_dict``) and nobody reads the monitor's
 internals. A loop's function may take ``(kind, state)`` or just ``(kind)``.
+
+A function may also return a ``concurrent.futures.Future`` of the file instead of the file: the
+write then goes on in the background (or in the framework that owns checkpoints) and the
+monitor acknowledges a ``checkpoint`` request only once the future says the file is on disk; a
+stop waits for it before the loop is told to leave.
 """
 
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 from tbhealth.monitor.progress import Progress
+
+#: What a checkpoint function returns: the file written, or a future of it (a write in flight).
+Written = Union[Path, "Future[Path]"]
 
 
 class CheckpointHook:
@@ -23,14 +32,22 @@ class CheckpointHook:
         self._fn, self._state, self._progress = fn, state, progress
         self._takes_state = takes_state(fn)
 
-    def __call__(self, kind: str) -> Path | None:
-        """The file written, or None when the loop registered no function."""
+    def __call__(self, kind: str) -> Written | None:
+        """The file written (or a future of it), or None when the loop registered no function."""
         if self._fn is None:
             return None
         # the state (a read-back mid-epoch) is only built for a function that stores it
-        path = Path(self._fn(kind, self._state()) if self._takes_state else self._fn(kind))
+        result = self._fn(kind, self._state()) if self._takes_state else self._fn(kind)
+        if isinstance(result, Future):
+            result.add_done_callback(self._note)
+            return result
+        path = Path(result)
         self._progress.last_checkpoint = path.name
         return path
+
+    def _note(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._progress.last_checkpoint = Path(future.result()).name
 
 
 def takes_state(fn: Callable | None) -> bool:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
 from tbhealth.distributed import CONTROL_SYNC_EVERY, DistContext
+from tbhealth.monitor.checkpoints import Written
 from tbhealth.monitor.control import ControlChannel
 from tbhealth.monitor.progress import Progress
 from tbhealth.monitor.sinks import RunLog, Sink
@@ -35,14 +37,15 @@ class Controller:
         log, sink: where decisions are logged and shown (TensorBoard text).
         channel: the control file, on rank 0; ``None`` on the other ranks.
         dist: under torch.distributed, the group the ranks agree over.
-        save: ``save(kind) -> Path | None`` writes a checkpoint (``manual`` or ``stop``); None:
-            the loop registered no way to checkpoint.
+        save: ``save(kind) -> Path | Future[Path] | None`` writes a checkpoint (``manual`` or
+            ``stop``); a future is a write in flight, acknowledged when it is done; None: the
+            loop registered no way to checkpoint.
         poke: asks for a status write now (a state changed).
         run_path: the run, named in the hint of a health rule's pause.
     """
 
     def __init__(self, progress: Progress, *, log: RunLog, sink: Sink, channel: ControlChannel | None,
-                 dist: DistContext | None, save: Callable[[str], Path | None], poke: Callable[[], None],
+                 dist: DistContext | None, save: Callable[[str], Written | None], poke: Callable[[], None],
                  run_path: Path):
         self._p, self._log, self._sink, self._channel = progress, log, sink, channel
         self._dist, self._save, self._poke, self._run_path = dist, save, poke, run_path
@@ -52,6 +55,7 @@ class Controller:
         self._actions: list[tuple[str, str]] = []
         self._actions_lock = threading.Lock()  # the watchdog thread queues actions too
         self._old_handlers: dict = {}
+        self._in_flight: list[tuple[ControlRequest, Future, int]] = []  # checkpoint requests being written
 
     @property
     def should_stop(self) -> bool:
@@ -81,6 +85,7 @@ class Controller:
     def end(self, state: str | None = None, message: str | None = None) -> None:
         """The loop ended: ``stopped`` if a stop was applied (a stop counts once), else
         ``completed``, unless the caller knows better (``state``, ``message``)."""
+        self._settle(wait=True)  # every request gets its answer before the run ends
         p = self._p
         p.state = state or (State.STOPPED.value if self.stop_reason else State.COMPLETED.value)
         p.message = message or self.stop_reason
@@ -115,6 +120,7 @@ class Controller:
     # ------------------------------------------------------------------ internals
 
     def _local(self, force: bool = False) -> None:
+        self._settle()
         requests = self._channel.poll(force=force) if self._channel is not None else []
         if requests:
             self._apply_requests(requests)
@@ -130,6 +136,7 @@ class Controller:
         everywhere; rank 0 alone acknowledges and writes the checkpoint.
         """
         mine = {"signal": self._stop_wanted, "actions": self._take_actions(), "requests": []}
+        self._settle()
         if self._channel is not None:
             mine["requests"] = [(r.id, r.command, r.source, r.time, r.error) for r in self._channel.poll()]
         everyone = self._dist.all_gather(mine)
@@ -156,9 +163,34 @@ class Controller:
             ok, detail, extra = (False, req.error, {}) if req.error else self._apply(req.command)
             if self._channel is None:  # another rank: rank 0 acknowledges and logs
                 continue
-            self._channel.ack(req, ok, detail, **extra)
-            self._log.write("INFO" if ok else "WARNING", f"control {req.command or '?'} ({req.source or 'unknown'}): {detail}")
-            self._sink.text(self._p.global_step, "control", f"**{req.command}** → {'done' if ok else 'rejected'}: {detail}")
+            if isinstance(extra, Future):  # a checkpoint being written: answered once it is on disk
+                self._in_flight.append((req, extra, self._p.global_step))
+                continue
+            self._answer(req, ok, detail, extra)
+
+    def _answer(self, req: ControlRequest, ok: bool, detail: str, extra: dict) -> None:
+        self._channel.ack(req, ok, detail, **extra)
+        self._log.write("INFO" if ok else "WARNING", f"control {req.command or '?'} ({req.source or 'unknown'}): {detail}")
+        self._sink.text(self._p.global_step, "control", f"**{req.command}** → {'done' if ok else 'rejected'}: {detail}")
+
+    def _settle(self, wait: bool = False) -> None:
+        """Answer the checkpoint requests whose write has finished (all of them when ``wait``)."""
+        if not self._in_flight:
+            return
+        pending = []
+        for req, future, step in self._in_flight:
+            if not (wait or future.done()):
+                pending.append((req, future, step))
+                continue
+            try:
+                path = Path(future.result())
+            except Exception as e:  # noqa: BLE001 - the request gets its answer, the run goes on
+                self._log.write("ERROR", f"checkpoint failed: {type(e).__name__}: {e}")
+                self._answer(req, False, f"checkpoint failed: {type(e).__name__}: {e}", {})
+                continue
+            self._p.interventions["checkpoints"] += 1
+            self._answer(req, True, f"checkpoint written: {path}", _written(path, step))
+        self._in_flight = pending
 
     def _apply(self, command: str) -> tuple[bool, str, dict]:
         p = self._p
@@ -174,6 +206,9 @@ class Controller:
                 return False, f"checkpoint failed: {type(e).__name__}: {e}", {}
             if path is None:
                 return False, "this training loop registered no checkpoint function", {}
+            if isinstance(path, Future):
+                return True, "", path  # answered by _settle once written
+            self._p.interventions["checkpoints"] += 1
             return True, f"checkpoint written: {path}", _written(path, p.global_step)
         if command == "stop":
             path = self._begin_stop("stop requested")
@@ -188,10 +223,8 @@ class Controller:
         self._set_paused(pause)
         return True, f"{'paused' if pause else 'resumed'} at epoch {p.epoch}, step {p.global_step}", {"step": p.global_step}
 
-    def _checkpoint(self, kind: str) -> Path | None:
-        path = self._save(kind)
-        self._p.interventions["checkpoints"] += path is not None and kind == "manual"
-        return path
+    def _checkpoint(self, kind: str) -> Written | None:
+        return self._save(kind)
 
     def _begin_stop(self, reason: str) -> Path | None:
         """Stop at this step boundary: checkpoint, then ``should_stop`` tells the loop to leave."""
@@ -201,14 +234,16 @@ class Controller:
         if self.paused:
             self._set_paused(False)
         p.state = State.STOPPING.value
+        p.interventions["stops"] += 1  # before the checkpoint: the state it stores counts this stop
         self._poke()
         try:
             path = self._checkpoint("stop")
+            if isinstance(path, Future):  # the loop leaves only once the stop's checkpoint is on disk
+                path = Path(path.result())
         except Exception as e:  # stop all the same: the last epoch's checkpoint is still on disk
             path = None
             self._log.write("ERROR", f"checkpoint at stop failed: {type(e).__name__}: {e}")
         self.stop_reason = reason
-        p.interventions["stops"] += 1
         self._log.once("WARNING", f"stopping: {reason}" + (f"; checkpoint {path}" if path else ""))
         return path
 

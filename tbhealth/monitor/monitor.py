@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,7 +67,10 @@ class Monitor:
         checkpoint_fn: ``fn(kind, state) -> Path`` (or ``fn(kind) -> Path``) writes a checkpoint and
             returns its file; ``kind`` is ``manual`` (a request), ``stop`` (before stopping) or what
             :meth:`save_checkpoint` was given; ``state`` is :meth:`state_dict` at that step boundary,
-            to store for a resume. Without it, checkpoint requests are refused.
+            to store for a resume. It may return a ``concurrent.futures.Future`` of the file
+            instead (a write in the background): a ``checkpoint`` request is then acknowledged
+            once the future is done, and a stop waits for it. Without it, checkpoint requests
+            are refused.
         health: the ``health:`` settings (dict or HealthConfig); ``False`` turns checks off.
         log_every: read values back and log per-step scalars every this many steps.
         resume_state: ``Monitor.state_dict()`` from a checkpoint, to continue a run (or call
@@ -281,10 +285,10 @@ class Monitor:
         """A log record: terminal, the run's log (followed by the Health tab) and TensorBoard text."""
         self._log.write(level, message, echo=echo)
 
-    def save_checkpoint(self, kind: str) -> Path | None:
+    def save_checkpoint(self, kind: str) -> Path | Future[Path] | None:
         """Write a checkpoint now through ``checkpoint_fn`` (e.g. ``last`` at an epoch's end), with
-        :meth:`state_dict` as it is now; it becomes the status's ``last_checkpoint``. Returns the
-        file, or None without a ``checkpoint_fn``. Call it between steps."""
+        :meth:`state_dict` as it is now; it becomes the status's ``last_checkpoint``. Returns what
+        ``checkpoint_fn`` returned (the file, or a future of it), or None without one. Call it between steps."""
         return self._checkpoint(kind)
 
     def request_stop(self, reason: str) -> None:
