@@ -4,18 +4,20 @@ One process, a bare training loop (small MLP, synthetic data, ``torch.set_num_th
 reporting to a real ``tbhealth.Monitor``. Variants, run interleaved in a rotating order:
 
 * ``bare``: the loop without a Monitor (context: what ``Monitor.step`` itself costs);
-* ``off``: ``Monitor(system_metrics=False)`` with its heartbeat thread stopped right after
-  ``start()`` (Monitor has no switch for it): status is written only at start and close;
-* ``on 1s``: the Monitor as shipped: heartbeat thread (``_beat``: health tick, status JSON
-  written atomically) and system sampler thread, each every second;
-* ``on 0.1s``: as ``on 1s`` but the heartbeat and the sampler are replaced, right after
-  ``start()``, by a ``tbhealth.monitor.heartbeat.Heartbeat(mon._beat, interval=0.1)`` and a
-  ``SystemSampler(interval=0.1)``: ten times the writing, to make its cost visible.
+* ``off``: ``Monitor(system_metrics=False, heartbeat_s=3600)``: no sampler, and the heartbeat
+  and watchdog threads never come round in the timed steps: status written at start and close;
+* ``on 1s``: the Monitor as shipped: heartbeat thread (status JSON written atomically),
+  watchdog thread (wall-clock health rules, system scalars every 5 s) and system sampler
+  thread, each every second (``heartbeat_s=1``);
+* ``on 0.1s``: ``heartbeat_s=0.1``: the three threads ten times as often, to make their cost
+  visible.
 
 Figures are medians over repetitions of µs per training step, wall time and the training
 thread's CPU time; "vs off" is the median of the per-round ratios (each round runs every
 variant once, so slow phases of a shared machine hit all variants alike). The last table
-times one ``_beat()`` directly: the work the heartbeat thread does per tick.
+times one tick of each thread directly, through the same public classes the Monitor builds
+(``Heartbeat.write()``: build and write the status; ``Watchdog.tick()``: memory and stalled
+rules, system scalars when due).
 
     python benchmarks/bench_heartbeat.py           # 12 rounds x 3000 steps, ~2 min
     python benchmarks/bench_heartbeat.py --quick   # 3 rounds x 500 steps
@@ -35,8 +37,15 @@ import torch
 from torch import nn
 
 from tbhealth import Monitor
+from tbhealth.instruments.watch import HealthWatch
 from tbhealth.monitor.heartbeat import Heartbeat
+from tbhealth.monitor.progress import Progress
+from tbhealth.monitor.sinks import RunSink
 from tbhealth.monitor.system import SystemSampler
+from tbhealth.monitor.watchdog import Watchdog
+from tbhealth.run.rundir import RunDir
+
+HEARTBEAT_S = {"off": 3600.0, "on 1s": 1.0, "on 0.1s": 0.1}
 
 VARIANTS = ("bare", "off", "on 1s", "on 0.1s")
 BATCH, FEATURES, CLASSES = 64, 64, 10
@@ -53,17 +62,9 @@ def make_task(seed: int = 0):
 
 def open_monitor(variant: str, logdir: Path, model, opt, health) -> Monitor:
     mon = Monitor(logdir, variant.replace(" ", "-").replace(".", ""), total_epochs=1, model=model, optimizer=opt,
-                  verbose=False, handle_signals=False, system_metrics=variant != "off", health=health)
-    mon.start()
-    if variant == "off":
-        mon._heartbeat.stop()
-    elif variant == "on 0.1s":
-        mon._heartbeat.stop()
-        mon._heartbeat = Heartbeat(mon._beat, interval=0.1)
-        mon._heartbeat.start()
-        mon.system.stop()
-        mon.system = SystemSampler(interval=0.1).start()
-    return mon
+                  verbose=False, handle_signals=False, system_metrics=variant != "off", health=health,
+                  heartbeat_s=HEARTBEAT_S[variant])
+    return mon.start()
 
 
 def train(variant: str, steps: int, warmup: int, logdir: Path, task, health) -> tuple[float, float]:
@@ -94,22 +95,30 @@ def train(variant: str, steps: int, warmup: int, logdir: Path, task, health) -> 
 
 
 def beat_cost(logdir: Path, task, health, n: int = 200) -> dict[str, float]:
-    """Median µs of one heartbeat tick (``Monitor._beat``) and of the status write alone,
-    wall and calling-thread CPU (the write's ``rename`` waits on the disk without the GIL)."""
-    model, opt, _ = task
-    mon = open_monitor("on 1s", logdir, model, opt, health)
-    out: dict[str, list[float]] = {"beat wall": [], "beat CPU": [], "write wall": [], "write CPU": []}
+    """Median µs of one status write (``Heartbeat.write``) and one watchdog tick, wall and
+    calling-thread CPU (the write's ``rename`` waits on the disk without the GIL)."""
+    model, _, _ = task
+    run = RunDir(logdir / "ticks")
+    progress = Progress(run="ticks", total_epochs=1, state="training", epoch=1, batches_per_epoch=100)
+    sink = RunSink(run)
+    watch = HealthWatch(health, model=model) if health is not False else None
+    system = SystemSampler()
+    parts = {
+        "beat": Heartbeat(progress, sink, run, health=watch, system=system, distributed=False).write,
+        "watchdog": Watchdog(progress, sink, health=watch, system=system, record=lambda events: None).tick,
+    }
+    out: dict[str, list[float]] = {f"{name} {kind}": [] for name in parts for kind in ("wall", "CPU")}
+    sink.open({})
     try:
-        mon._heartbeat.stop()  # tick here, not on the thread
-        mon.start_epoch(1, 100)
-        for name, fn in (("beat", mon._beat), ("write", mon._write_status)):
+        for name, fn in parts.items():
             for _ in range(n):
                 w0, c0 = time.perf_counter(), time.thread_time()
                 fn()
                 out[f"{name} wall"].append(time.perf_counter() - w0)
                 out[f"{name} CPU"].append(time.thread_time() - c0)
     finally:
-        mon.close()
+        sink.close(0, "completed")
+        system.stop()
     return {k: 1e6 * statistics.median(v) for k, v in out.items()}
 
 
@@ -151,13 +160,14 @@ def main() -> None:
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         print(f"| {v} | {statistics.median(wall[v]):.1f} | {statistics.median(cpu[v]):.1f} | "
               f"{statistics.median(ratios):.4f} | {q[0]:.4f}–{q[2]:.4f} |")
-    print("\nOne heartbeat tick, µs (median of 200, timed on the calling thread):")
+    print("\nOne tick of each thread, µs (median of 200, timed on the calling thread):")
     print("| | wall | CPU |")
     print("|---|---:|---:|")
-    print(f"| `_beat()`: health tick, status write, system scalars when due | {beat['beat wall']:.0f} | {beat['beat CPU']:.0f} |")
-    print(f"| status write alone (`_write_status()`) | {beat['write wall']:.0f} | {beat['write CPU']:.0f} |")
-    print(f"\nCPU per second of training: {beat['beat CPU'] / 1e4:.3f} % of a core at 1 tick/s, "
-          f"{beat['beat CPU'] / 1e3:.2f} % at 10 ticks/s.")
+    print(f"| status write (`Heartbeat.write()`) | {beat['beat wall']:.0f} | {beat['beat CPU']:.0f} |")
+    print(f"| wall-clock rules, system scalars when due (`Watchdog.tick()`) | {beat['watchdog wall']:.0f} | "
+          f"{beat['watchdog CPU']:.0f} |")
+    both = beat["beat CPU"] + beat["watchdog CPU"]
+    print(f"\nCPU per second of training: {both / 1e4:.3f} % of a core at 1 tick/s, {both / 1e3:.2f} % at 10 ticks/s.")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ per series; a live monitor wants 2 s reloads and every log line. It binds to loc
 because the Health tab can pause and stop runs: exposing it is the user's explicit choice
 (``--host``), and ``--read-only`` then turns the controls off.
 
-TensorBoard runs as a child process in its own process group, so a Ctrl-C reaches it exactly
-once (forwarded by us) and it can shut down cleanly; we exit with its exit code.
+TensorBoard runs as a child process in its own session (so its own process group): a Ctrl-C
+in the terminal reaches us, not it; we forward it exactly once and it shuts down cleanly. The
+same child serves ``tbhealth board`` (in the foreground, we exit with its code) and ``tbhealth
+train --board`` (beside the training, until Ctrl-C after it); both go through
+:func:`start_board`, :func:`wait_forwarding_signals` and :func:`stop_board`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import typer
 
@@ -51,9 +55,27 @@ def board_url(port: int, host: str = "localhost") -> str:
     return f"http://{host}:{port}/#tbhealth"
 
 
-def run_child(args: list[str]) -> int:
-    """Run ``args`` until it exits, forwarding SIGINT/SIGTERM once each; its exit code (128+N if killed)."""
-    child = subprocess.Popen(args, process_group=0)
+def start_board(logdir: str | os.PathLike, port: int = 6006, host: str = "localhost", read_only: bool = False,
+                errors: IO | None = None) -> subprocess.Popen:
+    """TensorBoard (:func:`board_args`) as a child in its own session: the terminal's Ctrl-C is
+    ours to forward. ``errors``: a file for its output (in the background), else the terminal's."""
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": errors} if errors is not None else {}
+    return subprocess.Popen(board_args(logdir, port, host, read_only), start_new_session=True, **quiet)
+
+
+def stop_board(child: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate TensorBoard if it still runs; kill it if it does not exit within ``timeout``."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def wait_forwarding_signals(child: subprocess.Popen) -> int:
+    """Wait for ``child``, forwarding SIGINT/SIGTERM to it once each; its exit code (128+N if killed)."""
     forwarded: set[int] = set()
 
     def forward(signum: int, _frame: object) -> None:
@@ -95,10 +117,42 @@ def board(
         console.print(f"{os.fspath(logdir)!r} does not exist yet; runs appear as soon as they start there.")
     console.print(f"Health tab: [bold]{board_url(port, host)}[/]  (Ctrl-C to quit)")
     try:
-        code = run_child(board_args(logdir, port, host, read_only))
+        code = wait_forwarding_signals(start_board(logdir, port, host, read_only))
     except OSError as e:
         fail(f"could not start TensorBoard: {e}", code=ExitCode.FAILED, hint="Check that tensorboard is installed: pip install tensorboard")
     raise typer.Exit(code)
 
 
-__all__ = ["board", "board_args", "board_url", "run_child"]
+class BoardBeside:
+    """TensorBoard beside a training: started before it, served after it until Ctrl-C.
+
+    Its output goes to a temp file (a pipe nobody reads would fill up and block it during a long
+    training); the file's tail is shown if it exits early.
+    """
+
+    def __init__(self, logdir: Path, port: int):
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self._errors = tempfile.TemporaryFile(mode="w+", prefix="tbhealth-board-")
+        self._child = start_board(logdir, port, errors=self._errors)
+        console.print(f"TensorBoard with the Health tab: {board_url(port)}", markup=False, soft_wrap=True)
+
+    def serve_until_interrupted(self) -> None:
+        """After the training: keep serving until Ctrl-C (forwarded to TensorBoard), then stop."""
+        try:
+            if self._child.poll() is not None:
+                self._errors.seek(0)
+                err_console.print(f"TensorBoard exited early ({self._child.returncode}): "
+                                  f"{self._errors.read()[-800:]}", markup=False)
+                return
+            console.print(f"Still serving {board_url(self.port)} — press Ctrl-C to quit.", markup=False, soft_wrap=True)
+            wait_forwarding_signals(self._child)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        stop_board(self._child)
+        self._errors.close()
+
+
+__all__ = ["board", "board_args", "board_url", "start_board", "stop_board", "wait_forwarding_signals", "BoardBeside"]

@@ -12,9 +12,7 @@ from typing import Annotated, Callable
 import typer
 from rich.markup import escape
 
-from tbhealth.run.rundir import RunDir
-
-from tbhealth.run.states import is_live
+from tbhealth.run.rundir import RunDir, RunNotLiveError
 from tbhealth_cli.common import DEFAULT_LOGDIR, ExitCode, LogdirOpt, RunArg, console, fail, find_run
 
 
@@ -25,23 +23,21 @@ SUMMARIES = {
     "checkpoint": "Write a checkpoint of a live run now, without stopping it; prints the file.",
 }
 
-NOT_LIVE_HINTS = {
-    "completed": "it finished; start a new run, or continue it with `tbhealth train CONFIG --name NAME --resume --set epochs=N`",
-    "stopped": "it was stopped; continue it with `tbhealth train CONFIG --name NAME --resume`",
-    "failed": "it failed; see `tbhealth status RUN` and the run's log",
-    "unresponsive": "its heartbeat is stale: the trainer was killed or hangs",
-    "stopping": "it is already stopping",
+#: What to do next with a run that is not live (added to why it is not).
+NEXT_STEP = {
+    "completed": "start a new run, or continue it with `tbhealth train CONFIG --name NAME --resume --set epochs=N`",
+    "stopped": "continue it with `tbhealth train CONFIG --name NAME --resume`",
+    "failed": "see `tbhealth status RUN` and the run's log",
 }
 
 
 def send(command: str, rd: RunDir, *, wait: bool, timeout: float) -> int:
     """Send ``command`` to the run in ``rd``; print the outcome; return the exit code."""
-    status = rd.read_status()
-    state = status["state"] if status else "unknown"
-    if not is_live(state):
-        why = NOT_LIVE_HINTS.get(state, "it has no heartbeat yet")
-        fail(f"run {rd.path} is {state}: {command} not sent ({why}).", code=ExitCode.NOT_LIVE)
-    rid = rd.request_control(command, source="cli")
+    try:
+        rid = rd.send_control(command, source="cli")
+    except RunNotLiveError as e:
+        why = "; ".join(filter(None, (e.why, NEXT_STEP.get(e.state))))
+        fail(f"run {rd.path} is {e.state}: {command} not sent ({why}).", code=ExitCode.NOT_LIVE)
     if not wait:
         console.print(f"{command} request {rid} sent to {rd.path}", markup=False, soft_wrap=True)
         return ExitCode.OK

@@ -20,7 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from tbhealth.run.status import progress_fraction
+from tbhealth.run.status import METRIC_KEYS, progress_fraction
 
 STATE_COLORS = {
     "training": "green",
@@ -34,8 +34,6 @@ STATE_COLORS = {
 }
 SEVERITY_COLORS = {"critical": "bold red", "warning": "yellow", "info": "blue"}
 
-#: name → True when higher is better, False when lower is, None when neither (the lr schedule).
-METRICS = {"train_loss": False, "val_loss": False, "train_acc": True, "val_acc": True, "lr": None}
 #: A change smaller than this share of the value (or, for accuracies, these many points) is "flat".
 FLAT_RELATIVE = 1e-3
 FLAT_ACC = 1e-3
@@ -117,14 +115,18 @@ def format_value(name: str, value: Any) -> str:
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
 
 
+def higher_is_better(name: str) -> bool | None:
+    """By the metric's name: a loss falls, an accuracy rises; None for neither (the lr schedule,
+    a metric a custom loop added under another name)."""
+    return False if "loss" in name else (True if name.endswith("acc") else None)
+
+
 def trend(name: str, value: Any, delta: Any) -> Trend:
     """Whether a metric's change since the last epoch is an improvement, by the metric's nature."""
     d, v = _num(delta), _num(value)
     if d is None or not math.isfinite(d):
         return "none"
-    better_up = METRICS.get(name)
-    if name not in METRICS:  # a metric a custom loop added: judge it by its name
-        better_up = False if "loss" in name else (True if name.endswith("acc") else None)
+    better_up = higher_is_better(name)
     tolerance = FLAT_ACC if name.endswith("acc") else FLAT_RELATIVE * abs(v or 0.0)
     if abs(d) <= tolerance:
         return "flat"
@@ -199,7 +201,7 @@ def format_metrics(metrics: Any) -> RenderableType:
     grid.add_column(style="bold")
     grid.add_column(justify="right")
     grid.add_column()
-    names = list(METRICS) + [k for k in metrics if k not in METRICS]
+    names = list(METRIC_KEYS) + [k for k in metrics if k not in METRIC_KEYS]
     for name in names:
         m = metrics.get(name)
         value, delta = (m.get("value"), m.get("delta")) if isinstance(m, dict) else (None, None)

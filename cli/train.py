@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,7 +11,6 @@ from typing import Annotated, Optional
 import typer
 
 from tbhealth_cli.common import ExitCode, console, err_console, fail
-
 
 
 def train(
@@ -50,10 +48,7 @@ def train(
 
     overrides = list(set_ or [])
     try:
-        cfg = load_config(config, overrides)
-        from tbhealth.training import registry
-
-        registry.check_config(cfg)
+        cfg = load_config(config, overrides)  # every check that needs no data runs here
     except ConfigError as e:
         fail(str(e), code=ExitCode.USAGE, hint="Fix the config (or the --set value) and run again; see README 'Config reference'.")
     if nproc_per_node is not None:
@@ -61,15 +56,17 @@ def train(
 
         raise typer.Exit(launch(config, overrides, logdir, name, resume, quiet, nproc_per_node=nproc_per_node,
                                 nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint))
-    tensorboard = start_board(Path(logdir or cfg.logdir or "runs"), port) if board else None
+    from tbhealth_cli.board import BoardBeside
+
+    tensorboard = BoardBeside(Path(logdir or cfg.logdir or "runs"), port) if board else None
     try:
         code = run_training(cfg, config, logdir, name, resume, quiet)
     except BaseException:
         if tensorboard is not None:
-            stop_board(tensorboard)
+            tensorboard.stop()
         raise
     if tensorboard is not None:
-        serve_until_interrupted(tensorboard, port)
+        tensorboard.serve_until_interrupted()
     from tbhealth import distributed
 
     if distributed.launched_by_torchrun():
@@ -86,6 +83,7 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
     """Build and run a Trainer; returns the exit code. Under torchrun, every worker runs this."""
     from tbhealth.run.names import RunNameError, resolve_run, unique_run_dir
     from tbhealth.run.rundir import RunDir
+    from tbhealth.training.checkpoint import CheckpointFormatError
     from tbhealth.training.config import ConfigError
 
     logdir = Path(logdir or cfg.logdir or "runs")
@@ -110,7 +108,7 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
 
     try:
         trainer = Trainer(cfg, run_dir, resume=resume, verbose=not quiet, dist=dist)
-    except ConfigError as e:
+    except (ConfigError, CheckpointFormatError) as e:
         _discard(run_dir, created)
         fail(str(e), code=ExitCode.USAGE)
     except Exception as e:  # the user's data or model factory failed
@@ -130,13 +128,13 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
     finally:
         if dist is not None:
             distributed.shutdown(dist, clean=clean)
-    if trainer.monitor.is_writer and not quiet:
+    if trainer.rank == 0 and not quiet:
         print_summary(trainer, state, logdir)
     return ExitCode.OK
 
 
 def print_summary(trainer, state: str, logdir: Path) -> None:
-    hist = trainer.monitor.progress.history
+    hist = trainer.monitor.history
     last = hist[-1] if hist else {}
     acc = last.get("val_acc")
     console.print(
@@ -152,38 +150,3 @@ def print_summary(trainer, state: str, logdir: Path) -> None:
 def _discard(run_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def start_board(logdir: Path, port: int) -> subprocess.Popen:
-    """TensorBoard beside the training, in its own session so the training's Ctrl-C stays ours."""
-    from tbhealth_cli.board import board_args, board_url
-
-    logdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(board_args(logdir, port), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    console.print(f"TensorBoard with the Health tab: {board_url(port)}", markup=False, soft_wrap=True)
-    return proc
-
-
-def serve_until_interrupted(proc: subprocess.Popen, port: int) -> None:
-    from tbhealth_cli.board import board_url
-
-    if proc.poll() is not None:
-        err_console.print(f"TensorBoard exited early ({proc.returncode}): {proc.stderr.read()[-800:]}", markup=False)
-        return
-    console.print(f"Still serving {board_url(port)} — press Ctrl-C to quit.", markup=False, soft_wrap=True)
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_board(proc)
-
-
-def stop_board(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -31,9 +31,10 @@ opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 loss_fn = nn.CrossEntropyLoss()
 
 
-def save(kind: str):  # kind: "manual" (tbhealth checkpoint RUN) or "stop" (tbhealth stop, a stop rule)
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": mon.global_step}
-    return save_atomic(state, mon.run.checkpoint_dir / f"{kind}-step-{mon.global_step:06d}.pt")
+def save(kind: str, monitor_state: dict):  # kind: "manual" (tbhealth checkpoint RUN) or "stop"
+    step = monitor_state["global_step"]  # monitor_state: mon.state_dict(), to resume with load_state_dict
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "monitor": monitor_state}
+    return save_atomic(state, mon.run.checkpoint_dir / f"{kind}-step-{step:06d}.pt")
 
 
 with tbhealth.Monitor(args.logdir, args.name, total_epochs=args.epochs, model=model, optimizer=opt,
@@ -55,4 +56,4 @@ with tbhealth.Monitor(args.logdir, args.name, total_epochs=args.epochs, model=mo
         with torch.no_grad():
             out = model(x_val)
         mon.end_epoch(val_loss=loss_fn(out, y_val).item(), val_acc=(out.argmax(1) == y_val).float().mean().item())
-print(f"{mon.progress.state}: {mon.run_dir}")
+print(f"{mon.state}: {mon.run_dir}")

@@ -16,9 +16,9 @@ from tbhealth.run.files import file_size, read_records
 
 from tbhealth.run.names import RunNameError, list_run_dirs, resolve_run, run_name
 
-from tbhealth.run.rundir import RunDir
+from tbhealth.run.rundir import RunDir, RunNotLiveError
 
-from tbhealth.run.states import COMMANDS, UNRESPONSIVE, is_live
+from tbhealth.run.states import COMMANDS, is_live
 
 from tbhealth.run.status import json_safe, newest_first, progress_fraction, public_alert, public_status, run_summary
 
@@ -72,14 +72,6 @@ def parse_offset(value: str | None, name: str) -> int:
 # --------------------------------------------------------------------------- runs and status
 
 
-def summarize(name: str, path: str, status: dict) -> dict:
-    """One row of the overview; the same fields as ``tbhealth runs --json`` (``run_summary``)
-    plus ``reported_state``, which explains an ``unresponsive`` run."""
-    row = run_summary(name, path, status)
-    row["reported_state"] = status.get("reported_state")
-    return row
-
-
 _run_dirs: dict[Path, RunDir] = {}
 
 
@@ -108,7 +100,7 @@ def runs_impl(logdir: str | None, now: float | None = None) -> dict:
     for path in list_run_dirs(root):
         status = _run_dir(path).read_status(now)
         if status is not None:
-            rows.append(summarize(path.relative_to(root).as_posix(), str(path), status))
+            rows.append(run_summary(path.relative_to(root).as_posix(), str(path), status))
     return {"runs": newest_first(rows), "server_time": now}
 
 
@@ -193,15 +185,11 @@ def control_impl(logdir: str | None, body: Any, read_only: bool) -> dict:
     if command not in COMMANDS:
         raise ApiError(400, f"unknown command {str(command)[:40]!r}; allowed: {', '.join(COMMANDS)}")
     rd, name = open_run(logdir, body.get("run"))
-    status = rd.read_status()
-    state = status["state"] if status else "unknown"
-    if not is_live(state):
-        raise ApiError(
-            409,
-            f"run {name!r} is {state}: only a starting, training or paused run can {command}"
-            + ("; its trainer stopped sending heartbeats" if state == UNRESPONSIVE else ""),
-        )
-    rid = rd.request_control(command, source="tensorboard")
+    try:
+        rid = rd.send_control(command, source="tensorboard")
+    except RunNotLiveError as e:
+        raise ApiError(409, f"run {name!r} is {e.state} ({e.why}): only a starting, training or paused "
+                            f"run can {command}") from None
     return {"id": rid, "run": name, "command": command}
 
 

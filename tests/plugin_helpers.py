@@ -98,12 +98,14 @@ _shared: dict[str, Path] = {}
 def finished_runs(tmp_path_factory) -> Path:
     """A logdir with two finished real trainings, ``r1`` and ``r2``; trained once per session.
 
-    The two trainings run side by side (r2 starts a second later, so it is the newer run).
+    The two trainings run side by side; r2 starts once r1 wrote its first status, so r2 is the
+    newer run (its start time is later) whatever the machine's load.
     """
     if "finished" not in _shared:
         logdir = tmp_path_factory.mktemp("finished")
         p1 = start_training(logdir, "r1", *FINISHED_R1)
-        time.sleep(1.0)
+        wait_for(lambda: RunDir(logdir / "r1").exists() or p1.poll() is not None, 240, "r1's first status",
+                 interval=0.05)
         p2 = start_training(logdir, "r2", *FINISHED_R2)
         for name, proc in (("r1", p1), ("r2", p2)):
             out, _ = proc.communicate(timeout=300)

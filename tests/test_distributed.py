@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -83,9 +82,11 @@ def test_stop_and_pause_reach_every_rank_at_the_same_step(tmp_path):
         wait_for(lambda: RunDir(run_dir).read_status()["global_step"] > 20, 60, "steps")
         r = run([tbhealth_exe(), "pause", str(run_dir)])
         assert r.returncode == 0, r.stderr
-        held = wait_for_state(tmp_path, "live", ("paused",), timeout=20)["global_step"]
-        time.sleep(1.5)
-        assert RunDir(run_dir).read_status()["global_step"] == held
+        paused = wait_for_state(tmp_path, "live", ("paused",), timeout=20)
+        held = paused["global_step"]
+        later = wait_for(lambda: (s := RunDir(run_dir).read_status())["updated_at"] > paused["updated_at"] + 1 and s,
+                         20, "heartbeats while paused")
+        assert later["state"] == "paused" and later["global_step"] == held
         assert run([tbhealth_exe(), "resume", str(run_dir)]).returncode == 0
         wait_for(lambda: RunDir(run_dir).read_status()["global_step"] > held, 30, "steps after resume")
         r = run([tbhealth_exe(), "stop", str(run_dir)])
@@ -113,11 +114,10 @@ def test_nan_on_rank_1_raises_divergence_naming_rank_1(tmp_path):
 
 
 def test_crash_on_rank_1_fails_without_hanging(tmp_path):
-    started = time.monotonic()
+    # a hang would outlast the timeout (TimeoutExpired fails the test)
     r = run(train_cmd(tmp_path, "crash", "epochs=3", "model.source=tests.ddp_factories:crash_on_rank",
                       "model.kwargs={}"), timeout=180)
     assert r.returncode != 0
-    assert time.monotonic() - started < 150
     rd = RunDir(tmp_path / "crash")
     status = wait_for(lambda: (s := rd.read_status()) and s["state"] == "failed" and s, 20, "failed state")
     assert "rank 1" in status["message"] and "deliberate failure on rank 1" in status["message"]

@@ -17,14 +17,26 @@ def vanishing(norm: float | None, rank: int | None = None):
     return check(obs, HealthConfig())
 
 
-def round_(tracker: AlertTracker, norm: float | None, now: float, step: int = 0, rank: int | None = None):
+def events_of(tracker: AlertTracker, norm: float | None, now: float, step: int = 0, rank: int | None = None):
+    """The AlertEvents of one round in which layer 'net.0' has gradient norm ``norm``."""
     findings, checked = vanishing(norm, rank)
     return tracker.update(findings, epoch=1, step=step, now=now, checked=checked)
 
 
+def records(events) -> list[dict]:
+    return [e.record for e in events]
+
+
+def round_(tracker: AlertTracker, norm: float | None, now: float, step: int = 0, rank: int | None = None):
+    """The records of that round (what is appended to the run's alerts file)."""
+    return records(events_of(tracker, norm, now, step, rank))
+
+
 def test_alert_fires_once_with_the_documented_shape():
     tracker = AlertTracker()
-    [event] = round_(tracker, 1e-9, now=100.0, step=40)
+    [fired] = events_of(tracker, 1e-9, now=100.0, step=40)
+    assert fired.starts_episode  # the event a pause/stop action acts on
+    event = fired.record
     assert set(event) == ALERT_KEYS | {"action"}
     assert event["rule"] == "vanishing_gradients" and event["layer"] == "net.0" and event["severity"] == "warning"
     assert (event["epoch"], event["step"], event["time"]) == (1, 40, 100.0)
@@ -32,10 +44,13 @@ def test_alert_fires_once_with_the_documented_shape():
     assert (event["value"], event["threshold"]) == (1e-9, 1e-7)
     assert "Layer 'net.0' has vanishing gradients" in event["message"]
     json.dumps(event, allow_nan=False)  # strict JSON: what the CLI and the plugin read
-    assert tracker.fired == [event]
     assert round_(tracker, 1e-9, now=101.0) == []  # identical round: nothing to record
-    assert tracker.fired == []  # an ongoing episode is not acted on again
-    assert [a["id"] for a in tracker.active()] == [event["id"]]
+    [update] = events_of(tracker, 5e-9, now=102.0)
+    assert update.record["id"] == event["id"] and not update.starts_episode  # not acted on again
+    [resolved] = events_of(tracker, 0.5, now=103.0)
+    assert resolved.record["resolved"] and not resolved.starts_episode
+    [again] = events_of(tracker, 1e-9, now=104.0)
+    assert again.starts_episode and again.record["id"] != event["id"]  # a new episode
 
 
 def test_alert_updates_keep_the_id_and_are_throttled():
@@ -75,20 +90,20 @@ def test_layers_and_ranks_are_separate_episodes():
     tracker = AlertTracker()
     ranks = [Observation(layer_grad_norms={"net.0": 1e-9}, rank=r) for r in (0, 1)]
     findings, checked = check_all(ranks, HealthConfig())
-    a, b = tracker.update(findings, epoch=0, step=0, now=0.0, checked=checked)
+    a, b = records(tracker.update(findings, epoch=0, step=0, now=0.0, checked=checked))
     assert a["id"] != b["id"] and (a["rank"], b["rank"]) == (0, 1) and "[rank 1]" in b["message"]
     ranks[1] = Observation(layer_grad_norms={"net.0": 1.0}, rank=1)
     findings, checked = check_all(ranks, HealthConfig())
-    [resolved] = tracker.update(findings, epoch=0, step=1, now=1.0, checked=checked)
+    [resolved] = records(tracker.update(findings, epoch=0, step=1, now=1.0, checked=checked))
     assert resolved["id"] == b["id"] and resolved["resolved"]
     findings, checked = check(Observation(layer_grad_norms={"x": 0.0, "y": 0.0}), HealthConfig())
-    events = tracker.update(findings, epoch=0, step=0, now=0.0, checked=set())
+    events = records(tracker.update(findings, epoch=0, step=0, now=0.0, checked=set()))
     assert sorted(e["layer"] for e in events) == ["x", "y"] and "rank" not in events[0]
 
 
 def test_nonfinite_values_are_recorded_as_null():
     findings, checked = check(Observation(nonfinite="loss"), HealthConfig(divergence={"action": "stop"}))
-    [event] = AlertTracker().update(findings, epoch=0, step=3, now=0.0, checked=checked)
+    [event] = records(AlertTracker().update(findings, epoch=0, step=3, now=0.0, checked=checked))
     assert event["value"] is None and event["severity"] == "critical" and event["action"] == "stop"
     json.dumps(event, allow_nan=False)
 
@@ -99,6 +114,8 @@ def test_resumed_tracker_continues_open_episodes():
     resumed = AlertTracker(open_alerts=[fired, {**fired, "id": "old", "resolved": True}])
     assert [a["id"] for a in resumed.active()] == [fired["id"]]
     assert round_(resumed, 1e-9, now=1.0) == []
+    [moved] = events_of(resumed, 5e-9, now=1.5)
+    assert moved.record["id"] == fired["id"] and not moved.starts_episode  # a resumed run is not re-paused
     [resolved] = round_(resumed, 0.5, now=2.0)
     assert resolved["id"] == fired["id"] and resolved["resolved"]
 

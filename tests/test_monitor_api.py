@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from torch.utils.data import DataLoader
 import tbhealth
 from tbhealth.run.rundir import RunDir
 from tbhealth.training.data import digits
-from tests.plugin_helpers import REPO, control_and_wait, tbhealth_exe, wait_for_state
+from tests.plugin_helpers import REPO, control_and_wait, tbhealth_exe, wait_for, wait_for_state
 
 CUSTOM_LOOP = REPO / "examples" / "custom_loop.py"
 EPOCH_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc", "lr")
@@ -193,3 +197,152 @@ def test_monitor_without_health_checks(tmp_path, data):
     assert set(EPOCH_TAGS) | {"step/loss", "step/grad_norm"} <= tags
     assert not [t for t in tags if t.startswith("health/")]
     assert rd.read_alerts() == []
+
+
+# --------------------------------------------------------------------------- the public API a framework uses
+
+
+def test_checkpoint_hook_gets_the_monitor_state_and_a_resume_continues_from_it(tmp_path, data):
+    """``checkpoint_fn(kind, state)`` receives ``state_dict()``; ``load_state_dict(state, batch=)``
+    before ``start()`` continues the run there (what a Lightning or HF callback relies on)."""
+    model, saved = mlp(), {}
+
+    def save(kind, state):
+        saved[kind] = state
+        path = tmp_path / f"{kind}.pt"
+        torch.save({"monitor": state}, path)
+        return path
+
+    with make_monitor(tmp_path, "hook", model, health=False, checkpoint_fn=save) as mon:
+        run_loop(mon, model, data, stop_at=7)
+        assert mon.save_checkpoint("extra") == tmp_path / "extra.pt"
+    stop = saved["stop"]
+    # asked after step 7, applied at the next step boundary
+    assert (stop["global_step"], stop["epoch"], stop["epochs_done"], stop["batch"]) == (8, 1, 0, 8)
+    assert stop["epoch_sums"][2] == 8 * 128  # a mid-epoch state keeps the epoch's sums (count: samples)
+    status = RunDir(mon.run_dir).read_status()
+    assert status["last_checkpoint"] == "extra.pt" and status["state"] == "stopped"
+
+    resumed = make_monitor(tmp_path, "hook-resumed", model, health=False)
+    resumed.load_state_dict(stop, batch=3)  # e.g. twice the batch size now: 3 of its batches done
+    assert (resumed.global_step, resumed.epochs_done) == (8, 0)
+    with resumed:
+        with pytest.raises(RuntimeError, match="before start"):
+            resumed.load_state_dict(stop)
+        resumed.start_epoch(1, 10)
+        assert resumed.progress.batch == 3  # the position load_state_dict restored
+        resumed.end_epoch(val_loss=1.0)
+    assert resumed.history[0]["train_loss"] == pytest.approx(stop["epoch_sums"][0] / stop["epoch_sums"][2])
+
+
+def test_start_writes_the_runs_own_health_settings(tmp_path):
+    with tbhealth.Monitor(tmp_path, "settings", total_epochs=1, verbose=False, system_metrics=False,
+                          handle_signals=False, health={"divergence": {"factor": 20.0, "action": "stop"}}) as mon:
+        settings = mon.run.read_health_settings()
+    assert settings["divergence"] == {"enabled": True, "action": "stop", "factor": 20.0, "nonfinite_gradients": True}
+    assert settings["memory"]["max_fraction"] == 0.95 and settings["enabled"] is True
+    with tbhealth.Monitor(tmp_path, "off", total_epochs=1, verbose=False, system_metrics=False,
+                          handle_signals=False, health=False) as mon:
+        assert mon.run.read_health_settings()["enabled"] is False
+
+
+def test_status_names_the_process_and_the_device(tmp_path, data):
+    model = mlp()
+    with make_monitor(tmp_path, "who", model, health=False) as mon:
+        run_loop(mon, model, data)
+    s = RunDir(mon.run_dir).read_status()
+    assert (s["pid"], s["host"], s["device"]) == (os.getpid(), socket.gethostname(), "cpu")
+    assert s["run_dir"] == str(mon.run_dir.absolute()) and s["last_checkpoint"] is None
+
+
+def test_log_counts_are_exact_when_threads_log_at_once(tmp_path):
+    """The training thread and the monitor's own threads all log; no count may be lost."""
+    with tbhealth.Monitor(tmp_path, "counts", total_epochs=1, verbose=False, system_metrics=False,
+                          handle_signals=False, health=False) as mon:
+        def burst(_):
+            for _ in range(300):
+                mon.log("WARNING", "w", echo=False)
+                mon.log("ERROR", "e", echo=False)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(burst, range(4)))
+    counts = RunDir(mon.run_dir).read_status()["log_counts"]
+    assert counts == {"warnings": 1200, "errors": 1200}
+
+
+def test_a_failing_status_write_is_logged_and_its_recovery_too(tmp_path):
+    """The heartbeat never dies silently: a status it cannot write is an ERROR in the run's log."""
+    mon = tbhealth.Monitor(tmp_path, "disk", total_epochs=1, verbose=False, system_metrics=False,
+                           handle_signals=False, health=False, heartbeat_s=0.05)
+    rd = mon.run
+    with mon:
+        rd.status_path.unlink()
+        rd.status_path.mkdir()  # os.replace onto a directory fails, as a vanished mount would
+
+        def logged(fragment):
+            return lambda: any(fragment in r["message"] for r in rd.read_log()[0])
+
+        wait_for(logged("status writer failed: IsADirectoryError"), 30, "the failure in the run's log")
+        rd.status_path.rmdir()
+        wait_for(logged("status writer works again"), 30, "the recovery in the run's log")
+    records, _ = rd.read_log()
+    assert sum("status writer failed" in r["message"] for r in records) == 1, "reported once per streak"
+    assert rd.read_status()["state"] == "completed" and rd.read_status()["log_counts"]["errors"] == 1
+
+
+def test_a_checkpoint_written_in_the_background_is_acknowledged_once_on_disk(tmp_path, data):
+    """``checkpoint_fn`` may return a Future (an asynchronous writer, a framework that saves later):
+    the request's acknowledgement waits for it, the run keeps training meanwhile, and a stop waits
+    for its own checkpoint before the loop is told to leave."""
+    model, writes, release = mlp(), [], threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    def save(kind, state):
+        path = tmp_path / f"{kind}-{state['global_step']}.pt"
+
+        def write():
+            if kind == "manual":
+                assert release.wait(60)
+            torch.save({"monitor": state}, path)
+            writes.append(path.name)
+            return path
+
+        return pool.submit(write)
+
+    with make_monitor(tmp_path, "async", model, health=False, checkpoint_fn=save) as mon:
+        rid = mon.run.request_control("checkpoint", source="test")
+        loader, _ = data
+        steps, deadline = 0, time.monotonic() + 60
+        while rid not in mon.run.read_acks() and time.monotonic() < deadline:
+            for x, y in loader:  # training goes on while the write waits
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                mon.optimizer.step()
+                mon.step(loss, n=len(x))
+                mon.optimizer.zero_grad()
+                steps += 1
+                if steps == 50:  # polled by now (every 0.1 s) and still held back: no answer yet
+                    assert rid not in mon.run.read_acks() and writes == []
+                    release.set()
+        ack = mon.run.read_acks()[rid]
+        assert ack["status"] == "done" and ack["checkpoint"] in writes, ack
+        mon.request_stop("test asked to stop")
+        mon.step(loss.detach(), n=1)
+        assert mon.should_stop and any(w.startswith("stop-") for w in writes)
+    status = RunDir(mon.run_dir).read_status()
+    assert status["interventions"]["checkpoints"] == 1 and status["interventions"]["stops"] == 1
+    assert status["last_checkpoint"].startswith("stop-")
+    pool.shutdown()
+
+
+def test_the_stop_checkpoint_stores_the_stop_it_belongs_to(tmp_path, data):
+    """A resumed run keeps counting the stop that ended its previous session."""
+    model, saved = mlp(), {}
+
+    def save(kind, state):
+        saved[kind] = state
+        return tmp_path / f"{kind}.pt"
+
+    with make_monitor(tmp_path, "stops", model, health=False, checkpoint_fn=save) as mon:
+        run_loop(mon, model, data, stop_at=2)
+    assert saved["stop"]["interventions"]["stops"] == 1

@@ -321,12 +321,11 @@ def test_the_heartbeat_writer_produces_a_valid_status(tmp_path, system_reading):
     from tbhealth.monitor.progress import Progress
     from tbhealth.run.status import build_status
 
+    rd = RunDir(tmp_path / "hb")
     p = Progress(run="hb", total_epochs=4, state="training", epoch=2, epochs_done=1, batch=7, batches_per_epoch=20,
                  global_step=27, history=[{"train_loss": 1.2, "train_acc": 0.4, "val_loss": 1.3, "val_acc": 0.35,
-                                           "lr": 0.1}])
-    rd = RunDir(tmp_path / "hb")
-    rd.write_status(build_status(p, system=system_reading, alerts_active=0, health_score=100,
-                                 extra={"run_dir": str(rd.path)}))
+                                           "lr": 0.1}], run_dir=str(rd.path), device="cpu", last_checkpoint="last.pt")
+    rd.write_status(build_status(p, system=system_reading, alerts_active=0, health_score=100))
     validate_status(rd.read_status())
     data = json.loads(invoke("status", "hb", "--logdir", str(tmp_path), "--json").stdout)
     validate_status(data)

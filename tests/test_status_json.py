@@ -29,8 +29,6 @@ FIN_EPOCHS = 10
 FIN_STEPS = 180  # per epoch: 1437 training samples / batch 8
 FIN = (f"epochs={FIN_EPOCHS}", "data.batch_size=8")  # 180 steps per epoch: heartbeats within epochs, ~8 s
 DIV = ("epochs=3", "optimizer.name=SGD", "optimizer.lr=50")  # NaN within ~10 steps; divergence action: stop
-#: A heartbeat is due every second; allow for a loaded 2-core machine.
-MAX_BEAT_GAP_S = 1.6
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -55,9 +53,18 @@ def sample(rd: RunDir, seconds: float | None = None, until=None, every: float = 
     return seen
 
 
-def beat_gaps(samples: list[dict]) -> list[float]:
-    t = [s["updated_at"] for s in samples]
-    return [b - a for a, b in zip(t, t[1:])]
+def heartbeats(rd: RunDir, n: int, after: float = 0.0, timeout: float = 30) -> list[dict]:
+    """The next ``n`` distinct status writes (later than ``after``) as a reader sees them."""
+    seen: list[dict] = []
+
+    def more():
+        s = rd.read_status()
+        if s and s["updated_at"] > max(after, seen[-1]["updated_at"] if seen else 0.0):
+            seen.append(s)
+        return len(seen) >= n
+
+    wait_for(more, timeout, f"{n} heartbeats", interval=0.02)
+    return seen
 
 
 def log_levels(rd: RunDir) -> tuple[int, int]:
@@ -196,8 +203,10 @@ def test_status_json_of_a_live_run(logdir, live):
     assert s["total_epochs"] == 100000 and s["epoch"] >= 1 and s["batches_per_epoch"] == 23
     assert isinstance(s["eta_s"], float) and s["eta_s"] > 0
     assert s["metrics"]["val_acc"]["value"] > 0 and s["system"] is not None
-    assert time.time() - s["updated_at"] < 5
-    time.sleep(1.2)  # at least one more heartbeat
+    assert s["pid"] == proc.pid and s["run_dir"] == str(rd.path) and s["host"]
+    assert s["device"] == "cpu" or s["device"].startswith("cuda")
+    wait_for(lambda: rd.read_status()["last_checkpoint"] == "last.pt", 30, "the first epoch's checkpoint")
+    heartbeats(rd, 1, after=s["updated_at"])
     later = validate_status(cli_json("status", str(rd.path)))  # RUN as a path works the same
     assert later["updated_at"] > s["updated_at"] and later["elapsed_s"] > s["elapsed_s"]
     assert later["global_step"] >= s["global_step"]
@@ -206,35 +215,26 @@ def test_status_json_of_a_live_run(logdir, live):
 @slow
 def test_heartbeat_while_training_and_paused_and_elapsed_excludes_the_pause(logdir, live):
     proc, rd = live
-    training = sample(rd, 3.5)
+    training = heartbeats(rd, 3)
     assert all(s["state"] == "training" for s in training)
-    assert len(training) >= 3 and max(beat_gaps(training)) <= MAX_BEAT_GAP_S, beat_gaps(training)
-    assert training[-1]["global_step"] > training[0]["global_step"]
+    wait_for(lambda: rd.read_status()["global_step"] > training[0]["global_step"], 30, "steps")
 
     r = cli("pause", "live", "--logdir", str(logdir))
     assert r.returncode == 0, r.stderr
     acked = max(a["time"] for a in rd.read_acks().values())
-    first = wait_for(lambda: (s := rd.read_status())["state"] == "paused" and s["updated_at"] > acked and s,
-                     5, "a heartbeat after the pause")
-    paused = [first, *(s for s in sample(rd, 2.5) if s["updated_at"] > first["updated_at"])]
-    last = paused[-1]
+    paused = heartbeats(rd, 3, after=acked)  # the status is rewritten while paused
+    first, last = paused[0], paused[-1]
     assert all(s["state"] == "paused" for s in paused)
-    assert len(paused) >= 3 and max(beat_gaps(paused)) <= MAX_BEAT_GAP_S, beat_gaps(paused)
-    assert last["updated_at"] - first["updated_at"] >= 1.5, "the status is rewritten while paused"
     assert last["global_step"] == first["global_step"], "no step while paused"
-    assert last["elapsed_s"] - first["elapsed_s"] < 1.0, "elapsed must not count paused time"
+    assert last["elapsed_s"] == pytest.approx(first["elapsed_s"], abs=0.002), "elapsed must not count paused time"
     assert last["interventions"]["pauses"] == 1
     validate_status(cli_json("status", "live", "--logdir", str(logdir)))
 
     r = cli("resume", "live", "--logdir", str(logdir))
     assert r.returncode == 0, r.stderr
-    t0 = time.monotonic()
-    resumed = wait_for(lambda: (s := rd.read_status())["state"] == "training" and s, 5, "state training")
-    time.sleep(2.0)
-    after = rd.read_status()
-    wall = time.monotonic() - t0
-    assert after["elapsed_s"] - resumed["elapsed_s"] > 0.5 * (wall - 1.0), "elapsed counts again after resume"
-    assert after["global_step"] > last["global_step"]
+    resumed = wait_for(lambda: (s := rd.read_status())["state"] == "training" and s, 10, "state training")
+    after = wait_for(lambda: (s := rd.read_status())["elapsed_s"] > resumed["elapsed_s"]
+                     and s["global_step"] > last["global_step"] and s, 30, "elapsed and steps to count again")
     assert after["interventions"]["resumes"] == 1
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -32,21 +31,19 @@ def scalars(run: Path) -> EventAccumulator:
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The README's example, exactly as shipped."""
+    """The README's example, exactly as shipped (``train`` fails it if it outlasts its timeout)."""
     logdir = tmp_path_factory.mktemp("default")
-    started = time.monotonic()
     proc = train(logdir, "digits")
-    return logdir, logdir / "digits", proc, time.monotonic() - started
+    return logdir, logdir / "digits", proc
 
 
 @pytest.mark.slow
 def test_default_example_reaches_95_percent(default_run):
-    logdir, run, proc, seconds = default_run
+    logdir, run, proc = default_run
     cfg = yaml.safe_load((REPO / "examples" / "digits.yaml").read_text())
     s = RunDir(run).read_status()
     assert s["state"] == "completed"
     assert s["epoch"] == cfg["epochs"] and s["metrics"]["val_acc"]["value"] >= 0.95
-    assert seconds < 120, f"default example took {seconds:.0f}s"
     assert "Run completed" in proc.stdout and f"tbhealth board {logdir}" in proc.stdout
     assert (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text())["epochs"] == cfg["epochs"]
     assert not RunDir(run).read_alerts(), "the default example raises no alert"
@@ -54,7 +51,7 @@ def test_default_example_reaches_95_percent(default_run):
 
 @pytest.mark.slow
 def test_event_files_hold_one_point_per_epoch(default_run):
-    logdir, run, _, _ = default_run
+    logdir, run, _ = default_run
     epochs = RunDir(run).read_status()["total_epochs"]
     acc = scalars(run)
     tags = set(acc.Tags()["scalars"])
@@ -69,7 +66,7 @@ def test_event_files_hold_one_point_per_epoch(default_run):
 
 @pytest.mark.slow
 def test_event_files_load_in_a_real_tensorboard(default_run):
-    logdir, run, _, _ = default_run
+    logdir, run, _ = default_run
     port = free_port()
     tb = start_tensorboard(logdir, port)
     try:
@@ -161,12 +158,29 @@ def test_mid_epoch_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
     parted.model.register_forward_hook(
         lambda *_: mon.request_stop("test") if mon.global_step == 30 and mon.model.training else None)
     assert parted.fit() == "stopped"
-    assert mon.progress.epochs_done == 1 and mon.global_step == 31  # stopped at the boundary after step 31
+    assert mon.epochs_done == 1 and mon.global_step == 31  # stopped at the boundary after step 31
     resumed = Trainer(cfg, tmp_path / "parted", resume=True, verbose=False)
     assert resumed.fit() == "completed"
 
-    a, b = whole.monitor.progress.history, resumed.monitor.progress.history
+    a, b = whole.monitor.history, resumed.monitor.history
     assert [h["epoch"] for h in b] == [1, 2, 3]
     for ha, hb in zip(a, b):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert hb[key] == pytest.approx(ha[key], rel=1e-5), (ha["epoch"], key)
+
+
+@pytest.mark.parametrize("saved, found", [({"format": 99}, "format 99"), ({"model": {}}, "no format version")])
+def test_resume_refuses_a_checkpoint_of_another_format(tmp_path, saved, found):
+    from typer.testing import CliRunner
+
+    from tbhealth.training.checkpoint import FORMAT_VERSION
+    from tbhealth_cli.app import app
+
+    last = tmp_path / "old" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    torch.save(saved, last)
+    result = CliRunner().invoke(app, ["train", str(DIGITS), "--logdir", str(tmp_path), "--name", "old", "--resume"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    assert str(last) in message and found in message and f"reads format {FORMAT_VERSION}" in message
+    assert "Traceback" not in result.stderr

@@ -17,7 +17,7 @@ _LAZY = {
     "ACTIONS": "settings", "Action": "settings", "HealthConfig": "settings", "RuleSettings": "settings",
     "RULES": "rules", "Compare": "rules", "EpochMetrics": "rules", "Finding": "rules", "Observation": "rules",
     "check": "rules", "check_all": "rules", "episode_key": "rules", "evaluate": "rules",
-    "AlertTracker": "alerts", "health_score": "alerts",
+    "AlertEvent": "alerts", "AlertTracker": "alerts", "health_score": "alerts",
 }
 
 __all__ = sorted(_LAZY)

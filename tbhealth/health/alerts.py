@@ -5,7 +5,11 @@ while its condition persists (same id), and is resolved when a round that checke
 longer finds it. A rule not checked this round (its inputs were not measured: e.g. dead_neurons
 on a step without sampling) leaves its alerts open: silence is not health.
 
-Each event is the whole alert, shaped like ``tbhealth alerts --json``:
+The tracker alone decides whether an episode is new: each :class:`AlertEvent` it returns says
+whether it begins one (``starts_episode``), the event a configured action (pause, stop) acts on.
+An episode carried over by ``--resume`` is not new, so a resumed run is not paused again by it.
+
+Each event's ``record`` is the whole alert, shaped like ``tbhealth alerts --json``:
 ``{id, rule, severity, message, epoch, step, time, layer, value, threshold, resolved, action}``
 plus ``rank`` under DDP. ``epoch``/``step``/``time`` are when the episode began; a reader that
 merges events by id (``RunDir.read_alerts``) gets the latest message, value and state.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from tbhealth.health.rules import Finding, episode_key
 
@@ -48,6 +53,14 @@ def _new_id(rule: str) -> str:
     return f"{rule}-{uuid.uuid4().hex[:10]}"
 
 
+@dataclass(frozen=True)
+class AlertEvent:
+    """One alert record to append to the run's alerts, and whether it begins an episode."""
+
+    record: dict
+    starts_episode: bool = False
+
+
 class AlertTracker:
     """Turns each round's findings into alert events to record (fired, updated, resolved)."""
 
@@ -63,9 +76,6 @@ class AlertTracker:
         they keep their ids and resolve when their condition has cleared."""
         self.rel_change, self.refresh_s, self._new_id = rel_change, refresh_s, new_id
         self._open: dict[str, dict] = {}
-        #: Alerts that began in the latest ``update``: act (pause/stop) on these only, so that a
-        #: run resumed while its condition persists is not paused again by the same episode.
-        self.fired: list[dict] = []
         self._emitted: dict[str, tuple[float, float | None, str]] = {}  # key -> (time, value, message)
         for alert in open_alerts:
             if not alert.get("resolved"):
@@ -75,24 +85,22 @@ class AlertTracker:
 
     def update(
         self, findings: Sequence[Finding], *, epoch: int, step: int, now: float, checked: set[str]
-    ) -> list[dict]:
+    ) -> list[AlertEvent]:
         """Events to record for this round, in finding order, resolutions last.
 
         ``checked``: ids of the rules evaluated this round (``rules.check`` returns them); only
         their open alerts can resolve. Several findings with one key: the first wins.
         """
-        events: list[dict] = []
+        events: list[AlertEvent] = []
         seen: set[str] = set()
-        self.fired = []
         for f in findings:
             if f.key in seen:
                 continue
             seen.add(f.key)
             alert = self._open.get(f.key)
             if alert is None:
-                alert = self._open[f.key] = self._fire(f, epoch, step, now)
-                events.append(self._emit(f.key, now))
-                self.fired.append(events[-1])
+                self._open[f.key] = self._fire(f, epoch, step, now)
+                events.append(AlertEvent(self._emit(f.key, now), starts_episode=True))
                 continue
             previous = dict(alert)
             alert.update(
@@ -103,12 +111,12 @@ class AlertTracker:
                 action=f.action,
             )
             if self._worth_recording(f.key, previous, alert, now):
-                events.append(self._emit(f.key, now))
+                events.append(AlertEvent(self._emit(f.key, now)))
         for key in [k for k, a in self._open.items() if k not in seen and a["rule"] in checked]:
             alert = self._open.pop(key)
             self._emitted.pop(key, None)
             alert["resolved"] = True
-            events.append(dict(alert))
+            events.append(AlertEvent(dict(alert)))
         return events
 
     def active(self) -> list[dict]:

@@ -10,7 +10,6 @@ Order on a sampled step (the Monitor's contract)::
     inst.arm()                      # before the forward of a sampled step
     loss = loss_fn(model(x), y)
     inst.disarm()                   # right after that forward (validation must not be observed)
-    inst.note_loss(loss)            # every step: a device-side add, no sync
     loss.backward()                 # AMP: scaler.scale(loss).backward(); scaler.unscale_(opt)
     inst.capture_gradients()        # after backward/unscale_, before clipping and zero_grad
     ...
@@ -166,20 +165,6 @@ class Instruments:
             self._index_cache[key] = torch.tensor([slot[o] for o in owners], device=device)
         return self._index_cache[key]
 
-    # ------------------------------------------------------------------------------ loss flag
-
-    def note_loss(self, loss: Tensor) -> None:
-        """Accumulate the (detached) loss on device: one add, no sync. A NaN/Inf loss makes the sum
-        non-finite until :meth:`read`, so no step's bad loss goes unseen between logging steps."""
-        value = loss.detach()
-        if value.dim():
-            value = value.sum()
-        if self._loss_sum is None:
-            self._loss_sum = value.to(torch.float32, copy=True)
-        else:
-            self._loss_sum.add_(value)
-        self._loss_count += 1
-
     # ------------------------------------------------------------------------------- reading
 
     def read(self) -> dict:
@@ -187,13 +172,12 @@ class Instruments:
 
         Keys: ``layer_grad_norms`` {layer: norm} and ``global_grad_norm`` (latest capture),
         ``dead_fraction`` / ``zero_fraction`` {activation layer: fraction 0–1} (over all sampled
-        forwards), ``nonfinite`` ("loss", "gradients" or None), ``loss_mean`` and ``loss_steps``
-        (noted losses). A measurement not taken since the last read is ``None``.
+        forwards), ``nonfinite`` ("gradients" when a captured gradient held NaN/Inf, else None;
+        a non-finite loss shows in the Monitor's device-side epoch loss sum instead).
+        A measurement not taken since the last read is ``None``.
         """
         parts: list[Tensor] = []
         acts = list(self._alive)
-        if self._loss_sum is not None:
-            parts.append(self._loss_sum.reshape(1))
         if self._grad_bad is not None:
             parts.append(self._grad_bad.reshape(1))
         if self._grads is not None:
@@ -201,12 +185,8 @@ class Instruments:
         for name in acts:
             parts += [self._nonzero[name].reshape(1), self._alive[name].eq(0).sum().reshape(1)]
         values = self._fetch(parts)
-        out: dict = {"loss_mean": None, "loss_steps": self._loss_count, "nonfinite": None}
-        if self._loss_sum is not None:
-            total = values.pop(0)
-            out["loss_mean"] = total / self._loss_count
-            out["nonfinite"] = None if total == total and abs(total) != float("inf") else "loss"
-        if self._grad_bad is not None and values.pop(0) and out["nonfinite"] is None:
+        out: dict = {"nonfinite": None}
+        if self._grad_bad is not None and values.pop(0):
             out["nonfinite"] = "gradients"
         out["layer_grad_norms"] = out["global_grad_norm"] = None
         if self._grads is not None:
@@ -236,5 +216,3 @@ class Instruments:
         self._numel: dict[str, int] = {}
         self._grads: tuple[tuple[int, ...], Tensor, Tensor] | None = None
         self._grad_bad: Tensor | None = None
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0

@@ -2,7 +2,8 @@
 
 The engine (tbhealth.health.rules/alerts) is pure; this class keeps the histories it needs,
 drives the torch instruments on sampled steps, and serialises access to the alert tracker,
-which the training thread (steps, epochs) and the heartbeat thread (memory, stalls) both use.
+which the training thread (steps, epochs) and the monitor's watchdog thread (memory, stalls)
+both use. Whether an alert is new is the tracker's answer (``AlertEvent.starts_episode``).
 """
 
 from __future__ import annotations
@@ -14,27 +15,38 @@ from collections import deque
 
 import torch
 
-from tbhealth.health.alerts import AlertTracker, health_score
-from tbhealth.instruments.probes import Instruments
+from tbhealth.health.alerts import AlertEvent, AlertTracker, health_score
 from tbhealth.health.rules import EpochMetrics, Observation, check_all
 from tbhealth.health.settings import HealthConfig
+from tbhealth.instruments.probes import Instruments
+from tbhealth.run.status import METRIC_KEYS
+
+#: (rank or None, step loss, the epoch's loss sum so far, global grad norm or None) of one rank.
+Reading = tuple[int | None, float, float, float | None]
 
 
 class HealthWatch:
-    def __init__(self, settings: HealthConfig | dict | None, model: torch.nn.Module | None = None,
-                 state: dict | None = None):
+    """The health engine of one run, fed by the Monitor; see the module docstring."""
+
+    def __init__(self, settings: HealthConfig | dict | None, model: torch.nn.Module | None = None):
         self.cfg = settings if isinstance(settings, HealthConfig) else HealthConfig.model_validate(settings or {})
-        state = state or {}
         self.instruments = Instruments(model, self.cfg) if model is not None and self.cfg.enabled else None
-        self.tracker = AlertTracker(open_alerts=state.get("open_alerts", ()))
-        self.initial_loss: float | None = state.get("initial_loss")
+        self.tracker = AlertTracker()
+        self.initial_loss: float | None = None
         n = self.cfg.history_len()
-        self.step_losses: deque[tuple[int, float]] = deque(state.get("step_losses", ()), maxlen=n)
-        self.grad_norms: deque[float] = deque(state.get("grad_norms", ()), maxlen=n)
+        self.step_losses: deque[tuple[int, float]] = deque(maxlen=n)
+        self.grad_norms: deque[float] = deque(maxlen=n)
         self._lock = threading.Lock()
-        self._seen_step, self._seen_at = -1, time.time()  # last step count the heartbeat saw change
-        self._fired: set[str] = {a["id"] for a in state.get("open_alerts", ())}
+        self._seen_step, self._seen_at = -1, time.time()  # last step count the watchdog saw change
         self._first_loss: torch.Tensor | None = None  # the run's first step loss, on the device until read
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of an earlier session: open alerts keep their ids (and
+        are not new), the divergence baseline and the windowed histories carry over."""
+        self.tracker = AlertTracker(open_alerts=state.get("open_alerts", ()))
+        self.initial_loss = state.get("initial_loss")
+        self.step_losses.extend(state.get("step_losses", ()))
+        self.grad_norms.extend(state.get("grad_norms", ()))
 
     @property
     def armed(self) -> bool:
@@ -68,7 +80,7 @@ class HealthWatch:
         return inst.read()
 
     def evaluate_sample(self, *, epoch: int, step: int, samples: list[tuple[int | None, dict]]
-                        ) -> tuple[dict[str, float], list[dict]]:
+                        ) -> tuple[dict[str, float], list[AlertEvent]]:
         """Layer rules over the readings of every rank (one entry without DDP)."""
         first = samples[0][1]
         scalars: dict[str, float] = {}
@@ -85,15 +97,14 @@ class HealthWatch:
                 zero_fraction=r.get("zero_fraction"),
                 # gradients are all-reduced under DDP: every rank holds the same, judge them once
                 layer_grad_norms=r.get("layer_grad_norms") if i == 0 else None,
-                nonfinite=r.get("nonfinite") if r.get("nonfinite") == "gradients" else None, rank=rank,
+                nonfinite=r.get("nonfinite"), rank=rank,
             )
             for i, (rank, r) in enumerate(samples)
         ]
         return scalars, self._run(observations, epoch, step)
 
-    def on_log_step(self, *, epoch: int, step: int,
-                    readings: list[tuple[int | None, float, float, float | None]]) -> list[dict]:
-        """A logging step: loss rules on ``(rank, loss, epoch loss sum, grad norm)`` of each rank."""
+    def on_log_step(self, *, epoch: int, step: int, readings: list[Reading]) -> list[AlertEvent]:
+        """A logging step: loss rules on each rank's :data:`Reading`."""
         if self.initial_loss is None and self._first_loss is not None:
             first, self._first_loss = self._first_loss.item(), None  # already in sync: a logging step
             self.initial_loss = first if math.isfinite(first) else None
@@ -117,15 +128,13 @@ class HealthWatch:
             self.grad_norms.append(grad_norm)
         return self._run(observations, epoch, step)
 
-    def on_epoch(self, *, epoch: int, step: int, history: list[dict]) -> list[dict]:
-        epochs = tuple(EpochMetrics(epoch=h["epoch"], train_loss=h.get("train_loss"), val_loss=h.get("val_loss"),
-                                    train_acc=h.get("train_acc"), val_acc=h.get("val_acc"), lr=h.get("lr"))
-                       for h in history)
+    def on_epoch(self, *, epoch: int, step: int, history: list[dict]) -> list[AlertEvent]:
+        epochs = tuple(EpochMetrics(epoch=h["epoch"], **{k: h.get(k) for k in METRIC_KEYS}) for h in history)
         return self._run([Observation(epoch=epoch, step=step, now=time.time(), epochs=epochs)], epoch, step)
 
-    # ------------------------------------------------------------------ heartbeat thread
+    # ------------------------------------------------------------------ watchdog thread
 
-    def on_tick(self, progress, system: dict | None) -> list[dict]:
+    def on_tick(self, progress, system: dict | None) -> list[AlertEvent]:
         """Wall-clock rules: GPU memory from the system sampler, and stalled steps."""
         gpu = (system or {}).get("gpu") or {}
         now = time.time()
@@ -140,15 +149,10 @@ class HealthWatch:
 
     # ------------------------------------------------------------------ shared
 
-    def _run(self, observations: list[Observation], epoch: int, step: int) -> list[dict]:
+    def _run(self, observations: list[Observation], epoch: int, step: int) -> list[AlertEvent]:
         findings, checked = check_all(observations, self.cfg)
         with self._lock:
-            events = self.tracker.update(findings, epoch=epoch, step=step, now=observations[0].now,
-                                         checked=checked)
-            for ev in events:  # "new": the first event of an episode, the one that triggers its action
-                ev["new"] = ev["id"] not in self._fired
-                self._fired.add(ev["id"])
-        return events
+            return self.tracker.update(findings, epoch=epoch, step=step, now=observations[0].now, checked=checked)
 
     def active_count(self) -> int:
         with self._lock:

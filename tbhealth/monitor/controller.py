@@ -1,120 +1,254 @@
 """How a run is steered: control requests, pausing, stopping, signals and health actions.
 
-A mixin of :class:`tbhealth.Monitor` (it uses the monitor's progress, run directory, control
-channel and checkpoint function), kept apart because it is the part with the rules that users
-rely on: a request is applied at a step boundary and acknowledged exactly once; a stop writes a
-checkpoint first; under DDP every rank applies the same request at the same step (rank 0 reads
-the requests, everyone agrees over the Gloo group every ``CONTROL_SYNC_EVERY`` steps).
+The rules users rely on live here: a request is applied at a step boundary and acknowledged
+exactly once; a stop writes a checkpoint first; the first Ctrl-C or SIGTERM is a stop, a second
+Ctrl-C aborts; a health rule's ``pause``/``stop`` action, found on any thread, is applied by the
+training thread at its next boundary. Under DDP every rank applies the same request at the same
+step: rank 0 reads the requests (only it has a control channel) and the ranks agree over the
+Gloo group every ``CONTROL_SYNC_EVERY`` steps.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
+from tbhealth.distributed import CONTROL_SYNC_EVERY, DistContext
+from tbhealth.monitor.checkpoints import Written
+from tbhealth.monitor.control import ControlChannel
+from tbhealth.monitor.progress import Progress
+from tbhealth.monitor.sinks import RunLog, Sink
 from tbhealth.run.rundir import ControlRequest
+from tbhealth.run.states import State
+
+#: How often a paused run looks for a resume (seconds).
+PAUSE_POLL_S = 0.05
 
 
-class Steering:
-    def _local_control(self, force: bool = False) -> None:
-        requests = self._control.poll(force=force) if self._control is not None else []
+class Controller:
+    """Applies control requests, signals and health actions to one run's progress.
+
+    Args:
+        progress: the run's progress (state, interventions, paused time are recorded there).
+        log, sink: where decisions are logged and shown (TensorBoard text).
+        channel: the control file, on rank 0; ``None`` on the other ranks.
+        dist: under torch.distributed, the group the ranks agree over.
+        save: ``save(kind) -> Path | Future[Path] | None`` writes a checkpoint (``manual`` or
+            ``stop``); a future is a write in flight, acknowledged when it is done; None: the
+            loop registered no way to checkpoint.
+        poke: asks for a status write now (a state changed).
+        run_path: the run, named in the hint of a health rule's pause.
+    """
+
+    def __init__(self, progress: Progress, *, log: RunLog, sink: Sink, channel: ControlChannel | None,
+                 dist: DistContext | None, save: Callable[[str], Written | None], poke: Callable[[], None],
+                 run_path: Path):
+        self._p, self._log, self._sink, self._channel = progress, log, sink, channel
+        self._dist, self._save, self._poke, self._run_path = dist, save, poke, run_path
+        self.paused = False
+        self.stop_reason: str | None = None
+        self._stop_wanted: str | None = None  # a stop asked for by a signal or request_stop()
+        self._actions: list[tuple[str, str]] = []
+        self._actions_lock = threading.Lock()  # the watchdog thread queues actions too
+        self._old_handlers: dict = {}
+        self._in_flight: list[tuple[ControlRequest, Future, int]] = []  # checkpoint requests being written
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    # ------------------------------------------------------------------ the training thread
+
+    def after_step(self, step: int) -> None:
+        """The boundary after optimizer step ``step``: apply what arrived; wait while paused."""
+        if self._dist is None:
+            self._local()
+        elif step % CONTROL_SYNC_EVERY == 0:
+            self._agreed()
+        self._wait_while_paused()
+
+    def between_epochs(self) -> None:
+        """Apply what arrived during validation and checkpointing now, not one step into the
+        next epoch. Under DDP the ranks agree only at step multiples, so nothing happens here."""
+        if self._dist is None:
+            self._local(force=True)
+            self._wait_while_paused()
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary, with a checkpoint."""
+        self._stop_wanted = self._stop_wanted or reason
+
+    def end(self, state: str | None = None, message: str | None = None) -> None:
+        """The loop ended: ``stopped`` if a stop was applied (a stop counts once), else
+        ``completed``, unless the caller knows better (``state``, ``message``)."""
+        self._settle(wait=True)  # every request gets its answer before the run ends
+        p = self._p
+        p.state = state or (State.STOPPED.value if self.stop_reason else State.COMPLETED.value)
+        p.message = message or self.stop_reason
+        if p.state == State.STOPPED.value and p.interventions["stops"] == 0:
+            p.interventions["stops"] += 1
+
+    # ------------------------------------------------------------------ any thread
+
+    def queue_action(self, action: str, rule: str) -> None:
+        """A health rule's ``pause`` or ``stop``, for the training thread's next boundary."""
+        with self._actions_lock:
+            self._actions.append((action, rule))
+
+    # ------------------------------------------------------------------ signals
+
+    def install_signals(self) -> None:
+        """SIGINT/SIGTERM stop gracefully (Python allows handlers on the main thread only)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def restore_signals(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_wanted and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_wanted = f"received {signal.Signals(signum).name}"
+
+    # ------------------------------------------------------------------ internals
+
+    def _local(self, force: bool = False) -> None:
+        self._settle()
+        requests = self._channel.poll(force=force) if self._channel is not None else []
         if requests:
             self._apply_requests(requests)
-        if self._pending_actions:
-            self._run_pending_actions(self._take_actions())
-        if self._stop_wanted and not self._stop_reason:
+        if self._actions:
+            self._run_actions(self._take_actions())
+        if self._stop_wanted and not self.stop_reason:
             self._begin_stop(self._stop_wanted)
 
-    def _sync_control(self) -> None:
+    def _agreed(self) -> None:
         """Under DDP: rank 0's requests, every rank's signals and health actions, agreed by all.
 
         Every rank calls this at the same steps, so each request is applied at the same step
         everywhere; rank 0 alone acknowledges and writes the checkpoint.
         """
         mine = {"signal": self._stop_wanted, "actions": self._take_actions(), "requests": []}
-        if self._control is not None:
-            mine["requests"] = [(r.id, r.command, r.source, r.time, r.error) for r in self._control.poll()]
-        everyone = self.dist.all_gather(mine)
+        self._settle()
+        if self._channel is not None:
+            mine["requests"] = [(r.id, r.command, r.source, r.time, r.error) for r in self._channel.poll()]
+        everyone = self._dist.all_gather(mine)
         requests = [ControlRequest(*r) for r in everyone[0]["requests"]]
         if requests:
             self._apply_requests(requests)
         agreed = [a for e in everyone for a in e["actions"]]
         if agreed:
-            self._run_pending_actions(agreed)
+            self._run_actions(agreed)
         wanted = next((e["signal"] for e in everyone if e["signal"]), None)
-        if wanted and not self._stop_reason:
+        if wanted and not self.stop_reason:
             self._begin_stop(wanted)
 
-    def _apply_requests(self, requests: list) -> None:
+    def _wait_while_paused(self) -> None:
+        while self.paused and not self.stop_reason:
+            time.sleep(PAUSE_POLL_S)
+            if self._dist is None:
+                self._local()
+            else:
+                self._agreed()
+
+    def _apply_requests(self, requests: list[ControlRequest]) -> None:
         for req in requests:
             ok, detail, extra = (False, req.error, {}) if req.error else self._apply(req.command)
-            if self._control is None:  # another rank: rank 0 acknowledges and logs
+            if self._channel is None:  # another rank: rank 0 acknowledges and logs
                 continue
-            self._control.ack(req, ok, detail, **extra)
-            self.log("INFO" if ok else "WARNING", f"control {req.command or '?'} ({req.source or 'unknown'}): {detail}")
-            if self.writer:
-                self.writer.text(self.progress.global_step, "control", f"**{req.command}** → {'done' if ok else 'rejected'}: {detail}")
+            if isinstance(extra, Future):  # a checkpoint being written: answered once it is on disk
+                self._in_flight.append((req, extra, self._p.global_step))
+                continue
+            self._answer(req, ok, detail, extra)
+
+    def _answer(self, req: ControlRequest, ok: bool, detail: str, extra: dict) -> None:
+        self._channel.ack(req, ok, detail, **extra)
+        self._log.write("INFO" if ok else "WARNING", f"control {req.command or '?'} ({req.source or 'unknown'}): {detail}")
+        self._sink.text(self._p.global_step, "control", f"**{req.command}** → {'done' if ok else 'rejected'}: {detail}")
+
+    def _settle(self, wait: bool = False) -> None:
+        """Answer the checkpoint requests whose write has finished (all of them when ``wait``)."""
+        if not self._in_flight:
+            return
+        pending = []
+        for req, future, step in self._in_flight:
+            if not (wait or future.done()):
+                pending.append((req, future, step))
+                continue
+            try:
+                path = Path(future.result())
+            except Exception as e:  # noqa: BLE001 - the request gets its answer, the run goes on
+                self._log.write("ERROR", f"checkpoint failed: {type(e).__name__}: {e}")
+                self._answer(req, False, f"checkpoint failed: {type(e).__name__}: {e}", {})
+                continue
+            self._p.interventions["checkpoints"] += 1
+            self._answer(req, True, f"checkpoint written: {path}", _written(path, step))
+        self._in_flight = pending
 
     def _apply(self, command: str) -> tuple[bool, str, dict]:
-        p = self.progress
-        if self._stop_reason:
+        p = self._p
+        if self.stop_reason:
             return False, "the run is already stopping", {}
-        if command == "pause":
-            if self._paused:
-                return False, "already paused", {}
-            self._set_paused(True)
-            return True, f"paused at epoch {p.epoch}, step {p.global_step}", {"step": p.global_step}
-        if command == "resume":
-            if not self._paused:
-                return False, "not paused", {}
-            self._set_paused(False)
-            return True, f"resumed at epoch {p.epoch}, step {p.global_step}", {"step": p.global_step}
+        if command in ("pause", "resume"):
+            return self._pause_or_resume(command == "pause")
         if command == "checkpoint":
             try:
                 path = self._checkpoint("manual")
             except Exception as e:  # a full disk must not end the run, and the request gets its answer
-                self.log("ERROR", f"checkpoint failed: {type(e).__name__}: {e}")
+                self._log.write("ERROR", f"checkpoint failed: {type(e).__name__}: {e}")
                 return False, f"checkpoint failed: {type(e).__name__}: {e}", {}
             if path is None:
                 return False, "this training loop registered no checkpoint function", {}
-            return True, f"checkpoint written: {path}", {"checkpoint": path.name, "path": str(path), "step": p.global_step}
+            if isinstance(path, Future):
+                return True, "", path  # answered by _settle once written
+            self._p.interventions["checkpoints"] += 1
+            return True, f"checkpoint written: {path}", _written(path, p.global_step)
         if command == "stop":
             path = self._begin_stop("stop requested")
             where = f"; checkpoint {path}" if path else ""
-            return True, f"stopping at epoch {p.epoch}, step {p.global_step}{where}", (
-                {"checkpoint": path.name, "path": str(path), "step": p.global_step} if path else {"step": p.global_step})
+            return True, f"stopping at epoch {p.epoch}, step {p.global_step}{where}", _written(path, p.global_step)
         return False, f"unknown command {command!r}", {}
 
-    def _checkpoint(self, kind: str) -> Path | None:
-        if self.checkpoint_fn is None:
-            return None
-        path = Path(self.checkpoint_fn(kind))
-        self.progress.interventions["checkpoints"] += kind == "manual"
-        return path
+    def _pause_or_resume(self, pause: bool) -> tuple[bool, str, dict]:
+        p = self._p
+        if self.paused == pause:
+            return False, "already paused" if pause else "not paused", {}
+        self._set_paused(pause)
+        return True, f"{'paused' if pause else 'resumed'} at epoch {p.epoch}, step {p.global_step}", {"step": p.global_step}
+
+    def _checkpoint(self, kind: str) -> Written | None:
+        return self._save(kind)
 
     def _begin_stop(self, reason: str) -> Path | None:
         """Stop at this step boundary: checkpoint, then ``should_stop`` tells the loop to leave."""
-        if self._stop_reason:
+        if self.stop_reason:
             return None
-        p = self.progress
-        if self._paused:
+        p = self._p
+        if self.paused:
             self._set_paused(False)
-        p.state = "stopping"
+        p.state = State.STOPPING.value
+        p.interventions["stops"] += 1  # before the checkpoint: the state it stores counts this stop
         self._poke()
         try:
             path = self._checkpoint("stop")
+            if isinstance(path, Future):  # the loop leaves only once the stop's checkpoint is on disk
+                path = Path(path.result())
         except Exception as e:  # stop all the same: the last epoch's checkpoint is still on disk
             path = None
-            self.log("ERROR", f"checkpoint at stop failed: {type(e).__name__}: {e}")
-        self._stop_reason = reason
-        p.interventions["stops"] += 1
-        if self.is_writer:
-            self.log("WARNING", f"stopping: {reason}" + (f"; checkpoint {path}" if path else ""))
+            self._log.write("ERROR", f"checkpoint at stop failed: {type(e).__name__}: {e}")
+        self.stop_reason = reason
+        self._log.once("WARNING", f"stopping: {reason}" + (f"; checkpoint {path}" if path else ""))
         return path
 
     def _set_paused(self, paused: bool) -> None:
-        p = self.progress
+        p = self._p
         now = time.monotonic()
         if paused:
             p.paused_since = now
@@ -124,34 +258,24 @@ class Steering:
             p.epoch_paused_s += now - p.paused_since
             p.paused_since = None
             p.interventions["resumes"] += 1
-        self._paused = paused
-        p.state = "paused" if paused else "training"
+        self.paused = paused
+        p.state = State.PAUSED.value if paused else State.TRAINING.value
         self._poke()
 
-    def _wait_paused(self) -> None:
-        time.sleep(0.05)
-        if self.dist is None:
-            self._local_control()
-        else:
-            self._sync_control()
-
     def _take_actions(self) -> list[tuple[str, str]]:
-        """Health actions queued so far (the heartbeat thread may queue more meanwhile)."""
         with self._actions_lock:
-            actions, self._pending_actions = self._pending_actions, []
+            actions, self._actions = self._actions, []
         return actions
 
-    def _run_pending_actions(self, actions: list[tuple[str, str]]) -> None:
+    def _run_actions(self, actions: list[tuple[str, str]]) -> None:
         for action, rule in actions:
             if action == "stop":
                 self._begin_stop(f"health rule {rule}: action stop")
-            elif action == "pause" and not self._paused and not self._stop_reason:
+            elif action == "pause" and not self.paused and not self.stop_reason:
                 self._set_paused(True)
-                if self.is_writer:
-                    self.log("WARNING", f"paused by health rule {rule}; resume with `tbhealth resume {self.run_dir}`")
+                self._log.once("WARNING", f"paused by health rule {rule}; resume with `tbhealth resume {self._run_path}`")
 
-    def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self._stop_wanted and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self._stop_wanted = f"received {name}"
+
+def _written(path: Path | None, step: int) -> dict:
+    """The acknowledgement's fields for a checkpoint written at ``step`` (if one was)."""
+    return {"checkpoint": path.name, "path": str(path), "step": step} if path else {"step": step}

@@ -14,117 +14,122 @@ Any loop can use it (the config-driven Trainer is one user)::
 Cost on the training thread (see benchmarks/): ``step()`` appends the loss tensor to a list and
 does a few integer and time checks (~10 µs). Every ``log_every`` steps it sums the listed losses
 on the device and reads the loss, the running sum and the gradient norm back in ONE transfer
-(the only host-device sync) and queues one event. Health instruments exist only on sampled
-steps. Control requests, pausing and stopping live in :mod:`tbhealth.monitor.controller`; the heartbeat,
-system sampling and event writing run on background threads.
+(the only host-device sync) and queues one event. Health instruments exist only on sampled steps.
+
+The parts, each built here with everything it needs (dependencies point one way, down):
+:class:`~tbhealth.monitor.progress.Progress` (what the loop reported),
+:class:`~tbhealth.monitor.epoch_sums.EpochSums` (the epoch's device-side sums),
+:class:`~tbhealth.monitor.readings.Readings` (the read-backs of logging and sampled steps),
+:class:`~tbhealth.monitor.sinks.Sink` and ``RunLog`` (where records go; rank 0 writes),
+:class:`~tbhealth.monitor.controller.Controller` (requests, pause, stop, signals, actions),
+:class:`~tbhealth.monitor.heartbeat.Heartbeat` (the status, every second) and
+:class:`~tbhealth.monitor.watchdog.Watchdog` (wall-clock rules and system scalars).
 """
 
 from __future__ import annotations
 
-import math
 import os
-import signal
-import threading
 import time
-import traceback
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from tbhealth.run.names import unique_run_dir
-
-from tbhealth.run.rundir import RunDir
-
-from tbhealth.run.states import FINAL_STATES
+from tbhealth.distributed import DistContext
+from tbhealth.health.alerts import AlertEvent
+from tbhealth.health.settings import HealthConfig
+from tbhealth.instruments.watch import HealthWatch
+from tbhealth.monitor.checkpoints import CheckpointHook
 from tbhealth.monitor.control import ControlChannel
-from tbhealth.distributed import CONTROL_SYNC_EVERY, DistContext
-from tbhealth.monitor.events import EventWriter
+from tbhealth.monitor.controller import Controller
+from tbhealth.monitor.epoch_sums import EpochSums
 from tbhealth.monitor.heartbeat import Heartbeat
 from tbhealth.monitor.progress import Progress
-from tbhealth.run.status import build_status
-from tbhealth.monitor.reporter import Reporter
-from tbhealth.monitor.controller import Steering
-
-CUSTOM_SCALARS = {
-    "Training": {
-        "Loss (train vs val)": ["^train/loss$", "^val/loss$"],
-        "Accuracy (train vs val)": ["^train/acc$", "^val/acc$"],
-        "Learning rate": ["^lr$"],
-    },
-    "Steps": {"Step loss": ["^step/loss$"], "Gradient norm": ["^step/grad_norm$"]},
-}
-SYSTEM_SCALARS_EVERY_S = 5.0
-MAX_PENDING = 256  # steps whose loss waits for a logging step before it is summed (bounds memory)
+from tbhealth.monitor.readings import Readings
+from tbhealth.monitor.reporter import Reporter, metrics_line
+from tbhealth.monitor.sinks import RunLog, RunSink, Sink, record_alerts
+from tbhealth.monitor.system import SystemSampler
+from tbhealth.monitor.watchdog import Watchdog
+from tbhealth.run.names import unique_run_dir
+from tbhealth.run.rundir import RunDir
+from tbhealth.run.states import State
+from tbhealth.run.status import METRIC_KEYS, METRIC_TAGS
 
 
-class Monitor(Steering):
+class Monitor:
     """Opens a run, records what the loop reports, watches its health and applies control requests.
 
     Args:
         logdir, name: where the run goes (``name`` made unique); ignored when ``run_dir`` is given.
         total_epochs: planned epochs, for progress and ETA.
         model, optimizer: instrumented for gradient norms and health checks (optional).
-        checkpoint_fn: ``fn(kind) -> Path`` the monitor calls at a step boundary to save a
-            checkpoint (kind ``manual`` or ``stop``); without it those requests are refused.
+        checkpoint_fn: ``fn(kind, state) -> Path`` (or ``fn(kind) -> Path``) writes a checkpoint and
+            returns its file; ``kind`` is ``manual`` (a request), ``stop`` (before stopping) or what
+            :meth:`save_checkpoint` was given; ``state`` is :meth:`state_dict` at that step boundary,
+            to store for a resume. It may return a ``concurrent.futures.Future`` of the file
+            instead (a write in the background): a ``checkpoint`` request is then acknowledged
+            once the future is done, and a stop waits for it. Without it, checkpoint requests
+            are refused.
         health: the ``health:`` settings (dict or HealthConfig); ``False`` turns checks off.
         log_every: read values back and log per-step scalars every this many steps.
-        resume_state: ``Monitor.state_dict()`` from a checkpoint, to continue a run.
+        resume_state: ``Monitor.state_dict()`` from a checkpoint, to continue a run (or call
+            :meth:`load_state_dict` before :meth:`start`).
         dist: under torch.distributed (tbhealth.distributed.DistContext): rank 0 writes events,
             status and checkpoints; every rank logs, is measured, and obeys control at the same step.
+        heartbeat_s: the status, the system readings and the wall-clock rules refresh this often
+            (seconds); keep it well under 10 s, after which readers call a run unresponsive.
     """
 
     def __init__(
         self, logdir: str | os.PathLike = "runs", name: str | None = None, *, total_epochs: int,
         run_dir: str | os.PathLike | None = None, model: torch.nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None, checkpoint_fn: Callable[[str], Path] | None = None,
+        optimizer: torch.optim.Optimizer | None = None, checkpoint_fn: Callable[..., Path] | None = None,
         health: Any = None, log_every: int = 50, resume_state: dict | None = None, verbose: bool = True,
         reporter: Reporter | None = None, handle_signals: bool = True, system_metrics: bool = True,
-        dist: DistContext | None = None,
+        dist: DistContext | None = None, heartbeat_s: float = 1.0,
     ):
+        # bad arguments fail first: before a thread, a file or the run's directory exists
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be > 0 seconds (and well under 10), got {heartbeat_s}")
+        self.health = HealthWatch(health, model=model) if health is not False else None
         if run_dir is None:
             run_dir = unique_run_dir(logdir, name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.run = RunDir(run_dir)
         self.run_dir = self.run.path
-        self.model, self.optimizer, self.checkpoint_fn = model, optimizer, checkpoint_fn
+        self.model, self.optimizer, self.dist = model, optimizer, dist
         self.log_every = max(1, int(log_every))
-        self.dist = dist
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
-        self._rank_id = self.rank if dist else None  # how findings name the rank: not at all without DDP
-        self.is_writer = self.rank == 0
-        self._ranks: list[dict] = []
-        self.progress = Progress(run=self.run_dir.name, total_epochs=total_epochs, world_size=self.world_size)
-        self.reporter = reporter or Reporter(enabled=verbose and self.is_writer)
+        self.is_writer = lead = self.rank == 0  # rank 0 writes the run's files: decided here, once
         self._handle_signals = handle_signals
-        self._want_system = system_metrics
-        self._health_settings = health
-        self._resume_state = resume_state
-        self._lock = threading.Lock()
-        self._stop_reason: str | None = None
-        self._stop_wanted: str | None = None  # a stop asked for by a signal or request_stop()
-        self._paused = False
-        self._pending_actions: list[tuple[str, str]] = []
-        self._actions_lock = threading.Lock()  # the heartbeat thread queues actions too
-        self._old_handlers: dict = {}
-        self._loss_sum = self._correct_sum = None
-        self._pending: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
-        self._resumed_sums: list | None = None  # [loss sum, correct sum | None, count] before a resume
-        self._count = 0
-        self._last_step_loss: float | None = None
-        self._next_system_scalars = 0.0
-        self.writer: EventWriter | None = None
-        self.health = None
-        self.system = None
-        self._control: ControlChannel | None = None
-        self._heartbeat: Heartbeat | None = None
-        self._closed = False
-        self._final_written = False
+        device = _device_of(model)
+        self.progress = p = Progress(run=self.run_dir.name, total_epochs=total_epochs, world_size=self.world_size,
+                                     run_dir=str(self.run_dir.absolute()), device=device and str(device))
+        self._checkpoint = CheckpointHook(checkpoint_fn, self.state_dict, p)
+        self.reporter = reporter or Reporter(enabled=verbose and lead)
+        self.sink: Sink = RunSink(self.run) if lead else Sink()
+        self._log = log = RunLog(self.run, p, self.sink, self.reporter, rank=self.rank if dist else None, lead=lead)
+        gpu_index = (device.index or 0) if device is not None and device.type == "cuda" else None
+        self.system = SystemSampler(heartbeat_s, gpu_index) if lead and system_metrics else None
+        self._heartbeat = Heartbeat(p, self.sink, self.run, health=self.health, system=self.system,
+                                    distributed=dist is not None, interval=heartbeat_s, report=log.write)
+        self._watchdog = Watchdog(p, self.sink, health=self.health, system=self.system, record=self._record_alerts,
+                                  interval=heartbeat_s, report=log.write)
+        self._channel = ControlChannel(self.run) if lead else None  # rank 0 reads requests, every rank obeys
+        self._controller = Controller(p, log=log, sink=self.sink, channel=self._channel, dist=dist,
+                                      save=self._checkpoint, poke=self._heartbeat.poke, run_path=self.run_dir)
+        self.sums = EpochSums(dist)
+        self._readings = Readings(p, self.sums, self.sink, model=model, health=self.health,
+                                  judge=self.health if lead else None, dist=dist, record=self._record_alerts)
+        self._started = self._closed = False
+        self._epochs_started = 0
+        if resume_state:
+            self.load_state_dict(resume_state)
 
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> "Monitor":
-        self.start()
-        return self
+        return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
@@ -136,42 +141,28 @@ class Monitor(Steering):
         return False
 
     def start(self) -> "Monitor":
+        """Open the run: files and threads on rank 0, signal handlers, state ``training``."""
+        self._started = True
         p = self.progress
-        if self._resume_state:
-            self._load_state(self._resume_state)
-        self.health = self._make_health()  # first: bad health settings fail before any thread starts
         try:
-            self._open_outputs()
-            if self._handle_signals and threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-            p.state = "training"
+            settings = self.health.cfg if self.health is not None else HealthConfig(enabled=False)
+            self.sink.open(settings.model_dump(mode="json"))  # the Health tab judges with these
+            stale = self._channel.reject_stale() if self._channel is not None else 0
+            if stale:
+                self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
+            if self._handle_signals:
+                self._controller.install_signals()
+            p.state = State.TRAINING.value
             self.reporter.start(str(self.run_dir), p.total_epochs, p.epochs_done)
-            self._write_status()
-            if self._heartbeat:
-                self._heartbeat.start()
+            self._heartbeat.write()
+            if self.is_writer:  # the other ranks' sink drops everything: no thread to feed it
+                for part in (self.system, self._heartbeat, self._watchdog):
+                    if part is not None:
+                        part.start()
         except BaseException as e:  # leave no thread, handler or "training" status behind
             self.fail(e)
             raise
         return self
-
-    def _open_outputs(self) -> None:
-        """Rank 0's event file, control channel, system sampler and heartbeat."""
-        if not self.is_writer:
-            return
-        self.run.state_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = EventWriter(self.run_dir, flush_secs=1.0)
-        self.writer.custom_scalars(CUSTOM_SCALARS)
-        self._control = ControlChannel(self.run)
-        stale = self._control.reject_stale()
-        if stale:
-            self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
-        if self._want_system:
-            from tbhealth.monitor.system import SystemSampler
-
-            self.system = SystemSampler(interval=1.0, gpu_index=self._gpu_index())
-            self.system.start()
-        self._heartbeat = Heartbeat(self._beat, interval=1.0)
 
     def close(self, state: str | None = None, message: str | None = None) -> None:
         """Finish the run: ``completed`` unless a stop was requested (then ``stopped``)."""
@@ -179,10 +170,7 @@ class Monitor(Steering):
             return
         self._closed = True
         p = self.progress
-        p.state = state or ("stopped" if self._stop_reason else "completed")
-        p.message = message or self._stop_reason
-        if p.state == "stopped" and p.interventions["stops"] == 0:
-            p.interventions["stops"] += 1
+        self._controller.end(state, message)
         if self.dist:  # every rank says where it ended: they must agree
             self.log("INFO", f"rank {self.rank} {p.state} at step {p.global_step}", echo=False)
         self._finish()
@@ -191,63 +179,50 @@ class Monitor(Steering):
         """Record a crash: state ``failed`` and the traceback in the run's log."""
         if self._closed:
             return
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        where = f"rank {self.rank}: " if self.dist else ""
-        self.log("ERROR", f"{where}training failed: {type(exc).__name__}: {exc}\n{tb}", echo=False)
-        self.reporter.log("ERROR", f"training failed: {type(exc).__name__}: {exc}")
         self._closed = True
-        self.progress.state = "failed"
-        self.progress.message = f"{where}{type(exc).__name__}: {exc}"
-        if self.dist and not self.is_writer:
-            self.run.record_rank_failure(self.rank, self.progress.message)
-        elif self.dist and (peers := self.run.rank_failures()):
-            self.progress.message = peers[0]["message"]  # the root cause, not this rank's broken pipe
+        message = self._log.crash(exc)
+        self.progress.state, self.progress.message = State.FAILED.value, message
         self._finish()
 
     def _finish(self) -> None:
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        self._old_handlers.clear()
+        self._controller.restore_signals()
         if self.health is not None:
             self.health.close()
-        if self._heartbeat:
-            self._heartbeat.stop()
-        if self.system:
-            self.system.stop()
+        for part in (self._watchdog, self._heartbeat, self.system):
+            if part is not None:
+                part.stop()
         self.reporter.close()
-        if self.is_writer:
-            self._write_status()
-        if self.writer:
-            self.writer.text(self.progress.global_step, "run/state", f"Run finished: **{self.progress.state}**")
-            self.writer.close()
+        self._heartbeat.run_once()  # the final state; a failure is logged, not raised over the cause
+        self.sink.close(self.progress.global_step, self.progress.state)
 
     # ------------------------------------------------------------------ the loop's calls
 
     def epochs(self, batches_per_epoch: int | None = None) -> Iterator[int]:
         """Epoch numbers (1-based) still to train; ends early when a stop was requested."""
-        first = self.progress.epochs_done + 1
-        for epoch in range(first, self.progress.total_epochs + 1):
-            if epoch > first and self.dist is None:
-                # requests, signals and epoch-level health actions that arrived during validation
-                # and checkpoints apply at this boundary, not one step into the next epoch
-                self._local_control(force=True)
-                while self._paused and not self._stop_reason:
-                    self._wait_paused()
+        for epoch in range(self.progress.epochs_done + 1, self.progress.total_epochs + 1):
+            self.start_epoch(epoch, batches_per_epoch)
             if self.should_stop:
                 return
-            resume_batch = self.progress.batch if epoch == first else 0
-            self.start_epoch(epoch, batches_per_epoch, resume_batch)
             yield epoch
 
-    def start_epoch(self, epoch: int, batches_per_epoch: int | None = None, batch: int = 0) -> None:
+    def start_epoch(self, epoch: int, batches_per_epoch: int | None = None, batch: int | None = None) -> None:
+        """Begin epoch ``epoch`` (1-based), for loops that do not iterate :meth:`epochs`.
+
+        Between two epochs it first applies the requests, signals and health actions that arrived
+        during validation (and waits while paused); when that stops the run, the epoch is not
+        begun: check :attr:`should_stop`. ``batch``: batches of it already done; by default the
+        position a mid-epoch :meth:`load_state_dict` restored for that epoch, else 0.
+        """
         p = self.progress
-        p.epoch, p.batches_per_epoch, p.batch = epoch, batches_per_epoch, batch
-        p.epoch_start, p.epoch_paused_s = time.monotonic(), 0.0
-        self._loss_sum = self._correct_sum = None
-        self._pending = []
-        self._count = 0
-        if not batch:
-            self._resumed_sums = None
+        if self._epochs_started:
+            self._controller.between_epochs()
+            if self.should_stop:
+                return
+        if batch is None:
+            batch = p.batch if not self._epochs_started and epoch == p.epoch > p.epochs_done else 0
+        self._epochs_started += 1
+        p.begin_epoch(epoch, batches_per_epoch, batch)
+        self.sums.start(keep_resumed=bool(batch))
         self.reporter.epoch_started(epoch, batches_per_epoch)
 
     def step(self, loss: torch.Tensor, *, n: int = 1, correct: torch.Tensor | None = None,
@@ -256,298 +231,123 @@ class Monitor(Steering):
 
         ``loss`` is the batch's mean loss (a tensor: it is not read back unless this step logs),
         ``n`` the batch size, ``correct`` the number of right predictions (a tensor, optional),
-        ``grad_norm`` the total norm if the loop already has it (e.g. from clipping).
+        ``grad_norm`` the total norm if the loop already has it (e.g. from clipping). Returns at
+        the step boundary: after applying control requests, and only once resumed when paused.
         """
         p = self.progress
         p.global_step += 1
         p.batch += 1
         loss = loss.detach()
-        self._pending.append((loss, n, correct))  # summed on the device at the next logging step
-        self._count += n
-        if len(self._pending) >= MAX_PENDING:
-            self._fold()
+        self.sums.add(loss, n, correct)
         health = self.health
         if health is not None and health.wants_first_loss:  # divergence compares with step 1's loss
             health.note_first_loss(loss)
         if health is not None and health.armed:
-            self._sample_health()
+            self._readings.sample()
         if p.global_step % self.log_every == 0:
-            self._log_step(loss, grad_norm)
+            self._readings.log_step(loss, grad_norm)
         if health is not None:
             health.before_step(p.global_step + 1)
-        if self.dist is None:
-            self._local_control()
-        elif p.global_step % CONTROL_SYNC_EVERY == 0:
-            self._sync_control()
-        while self._paused and not self._stop_reason:
-            self._wait_paused()
-        self.reporter.step(p.batch, self._last_step_loss)
+        self._controller.after_step(p.global_step)
+        self.reporter.step(p.batch, self._readings.last_loss)
 
     def end_epoch(self, *, val_loss: float | None = None, val_acc: float | None = None, lr: float | None = None,
                   train_loss: float | None = None, train_acc: float | None = None, **scalars: float) -> dict:
-        """Report a finished epoch; train loss/accuracy default to the means of ``step()``'s values."""
+        """Report a finished epoch; train loss/accuracy default to the means of ``step()``'s values.
+
+        Returns the epoch's metrics (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``,
+        ``lr``; None where unknown). Extra keyword scalars are logged under their own names.
+        """
         p = self.progress
-        self._fold()
-        if train_loss is None and (self._loss_sum is not None or self._resumed_sums):
-            train_loss, acc = self._epoch_means()
+        if train_loss is None and not self.sums.empty:
+            train_loss, acc = self.sums.means()
             train_acc = acc if train_acc is None else train_acc
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
-        metrics = {"train_loss": _f(train_loss), "train_acc": _f(train_acc), "val_loss": _f(val_loss),
-                   "val_acc": _f(val_acc), "lr": _f(lr)}
-        seconds = p.epoch_active_seconds()
-        p.epoch_durations.append(seconds)
-        p.history.append({"epoch": p.epoch, **metrics})
-        p.epochs_done = p.epoch
-        p.last_step_time = time.time()
-        tags = {"train/loss": metrics["train_loss"], "train/acc": metrics["train_acc"],
-                "val/loss": metrics["val_loss"], "val/acc": metrics["val_acc"], "lr": metrics["lr"]}
-        values = {k: v for k, v in tags.items() if v is not None}
-        values.update({k: float(v) for k, v in scalars.items()})
-        if self.writer:
-            self.writer.scalars(p.epoch, values)
+        given = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
+        metrics = {k: _f(given[k]) for k in METRIC_KEYS}
+        seconds = p.finish_epoch(metrics)
+        values = {METRIC_TAGS[k]: v for k, v in metrics.items() if v is not None}
+        self.sink.scalars(p.epoch, values | {k: float(v) for k, v in scalars.items()})
         self.reporter.epoch_finished(p.epoch, p.total_epochs, metrics, seconds)
-        if self.health is not None and self.is_writer:
-            self._emit_alerts(self.health.on_epoch(epoch=p.epoch, step=p.global_step, history=p.history))
-        self.log("INFO", f"Epoch {p.epoch}/{p.total_epochs} done: " + _metrics_line(metrics), echo=False)
-        self._poke()
+        if self.health is not None and self.is_writer:  # rank 0 judges: the ranks' metrics are reduced
+            self._record_alerts(self.health.on_epoch(epoch=p.epoch, step=p.global_step, history=p.history))
+        self.log("INFO", f"Epoch {p.epoch}/{p.total_epochs} done: " + metrics_line(metrics), echo=False)
+        self._heartbeat.poke()
         return metrics
+
+    def keep_alive(self) -> None:
+        """Progress outside :meth:`step` (a validation batch, a slow checkpoint): tells the
+        ``stalled`` rule the loop is alive. An attribute write; no sync, no I/O."""
+        self.progress.last_step_time = time.time()
 
     def log(self, level: str, message: str, *, echo: bool = True) -> None:
         """A log record: terminal, the run's log (followed by the Health tab) and TensorBoard text."""
-        level = level.upper()
-        if level == "WARNING":
-            self.progress.warnings += 1
-        elif level == "ERROR":
-            self.progress.errors += 1
-        if echo:
-            self.reporter.log(level, message)
-        self.run.append_log(level, message, **({"rank": self.rank} if self.dist else {}))
-        if self.writer:
-            stamp = time.strftime("%H:%M:%S")
-            self.writer.text(self.progress.global_step, "logs", f"`{stamp}` **{level}** {message}")
+        self._log.write(level, message, echo=echo)
 
-    @property
-    def should_stop(self) -> bool:
-        return self._stop_reason is not None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-    @property
-    def global_step(self) -> int:
-        return self.progress.global_step
+    def save_checkpoint(self, kind: str) -> Path | Future[Path] | None:
+        """Write a checkpoint now through ``checkpoint_fn`` (e.g. ``last`` at an epoch's end), with
+        :meth:`state_dict` as it is now; it becomes the status's ``last_checkpoint``. Returns what
+        ``checkpoint_fn`` returned (the file, or a future of it), or None without one. Call it between steps."""
+        return self._checkpoint(kind)
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary with a checkpoint (for code that decides to stop)."""
-        self._stop_wanted = self._stop_wanted or reason
+        self._controller.request_stop(reason)
+
+    # -- where the run is (read-only) --
+    should_stop = property(lambda self: self._controller.should_stop,
+                           doc="True once a stop was applied (request, signal, health rule): leave the loop.")
+    paused = property(lambda self: self._controller.paused, doc="True while paused (``step()`` is waiting).")
+    state = property(lambda self: self.progress.state,
+                     doc="The run's state: ``training``, ``paused``, ``stopped``, ``completed``, ``failed``, ...")
+    global_step = property(lambda self: self.progress.global_step, doc="Optimizer steps so far (resumes included).")
+    epochs_done = property(lambda self: self.progress.epochs_done, doc="Finished epochs.")
+    history = property(lambda self: list(self.progress.history),
+                       doc="One dict per finished epoch: ``epoch`` and the metrics :meth:`end_epoch` returned.")
+
+    # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps so a resumed run continues its progress, history and alerts."""
-        p = self.progress
-        return {
-            "epochs_done": p.epochs_done, "epoch": p.epoch, "batch": p.batch, "global_step": p.global_step,
-            "elapsed_s": p.active_seconds(), "started_at": p.started_at, "history": list(p.history),
-            "epoch_durations": list(p.epoch_durations), "interventions": dict(p.interventions),
-            "warnings": p.warnings, "errors": p.errors,
-            "health": self.health.state_dict() if self.health is not None else None,
-            "epoch_sums": self._epoch_sums(),
-        }
+        """What a checkpoint keeps so a resumed run continues its progress, history and alerts.
 
-    def _epoch_sums(self) -> list | None:
-        """Loss and correct sums of the epoch in progress (a mid-epoch checkpoint), so the resumed
-        epoch's means cover all of it. Read back only here, at checkpoint time. Under DDP the
-        ranks' sums live apart: a resumed epoch averages the steps after the resume."""
+        ``epochs_done``, ``epoch`` (in progress), ``batch`` (done in it) and ``global_step`` say
+        where the run is; a mid-epoch state also holds the epoch's sums (one read-back, here).
+        """
         p = self.progress
-        if p.epoch <= p.epochs_done or self.dist is not None:
-            return None
-        self._fold()
-        loss, correct, count = self._resumed_sums or (0.0, None, 0)
-        if self._loss_sum is not None:
-            loss += self._loss_sum.item()
-        if self._correct_sum is not None:
-            correct = (correct or 0.0) + float(self._correct_sum.item())
-        return [loss, correct, count + self._count]
+        return {**p.state_dict(), "health": self.health.state_dict() if self.health is not None else None,
+                "epoch_sums": self.sums.snapshot() if p.epoch > p.epochs_done else None}
+
+    def load_state_dict(self, state: dict, *, batch: int | None = None) -> None:
+        """Continue the run a :meth:`state_dict` describes; call before :meth:`start`.
+
+        ``batch``: where to continue in the interrupted epoch, counted in this loop's batches when
+        they differ from the saved run's (another batch size or number of processes); by default
+        the saved position.
+        """
+        if self._started:
+            raise RuntimeError("Monitor.load_state_dict() must be called before start()")
+        self.progress.load_state_dict(state, batch)
+        self.sums.resume(state.get("epoch_sums") if self.progress.batch else None)
+        if self.health is not None and state.get("health"):
+            self.health.load_state_dict(state["health"])
 
     # ------------------------------------------------------------------ internals
 
-    def _load_state(self, s: dict) -> None:
-        p = self.progress
-        p.epochs_done, p.epoch, p.global_step = s["epochs_done"], s.get("epoch", s["epochs_done"]), s["global_step"]
-        p.batch = s.get("batch", 0) if p.epoch > p.epochs_done else 0
-        p.elapsed_before, p.started_at = s.get("elapsed_s", 0.0), s.get("started_at", p.started_at)
-        p.history, p.epoch_durations = list(s.get("history", [])), list(s.get("epoch_durations", []))
-        p.interventions.update(s.get("interventions", {}))
-        p.warnings, p.errors = s.get("warnings", 0), s.get("errors", 0)
-        self._resumed_sums = s.get("epoch_sums") if p.batch else None
-
-    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """The logging step: one transfer to the host for everything read this step."""
-        p = self.progress
-        self._fold()
-        if grad_norm is None and self.model is not None:
-            grads = [q.grad for q in self.model.parameters() if q.grad is not None]
-            if grads:
-                grad_norm = torch.nn.utils.get_total_norm(grads)
-        parts = [loss.float().reshape(()), self._loss_sum]
-        if grad_norm is not None:
-            parts.append(grad_norm.detach().float().reshape(()).to(loss.device))
-        values = torch.stack(parts).tolist()
-        mine = (self._rank_id, values[0], values[1], values[2] if len(values) > 2 else None)
-        readings = self._gather(mine)
-        p.last_step_time = time.time()
-        if not self.is_writer:
-            return
-        finite = [r[1] for r in readings if math.isfinite(r[1])]
-        step_loss = sum(finite) / len(finite) if finite else float("nan")
-        self._last_step_loss = step_loss
-        if self.dist:
-            self._ranks = [{"rank": r[0], "step": p.global_step, "loss": r[1]} for r in readings]
-        scalars = {"step/loss": step_loss}
-        if mine[3] is not None:
-            scalars["step/grad_norm"] = mine[3]
-        if self.health is not None:
-            self._emit_alerts(self.health.on_log_step(epoch=p.epoch, step=p.global_step, readings=readings))
-        self.writer.scalars(p.global_step, scalars)
-
-    def _sample_health(self) -> None:
-        p = self.progress
-        samples = self._gather((self._rank_id, self.health.read_sample()))
-        if self.is_writer:
-            self._record_health(*self.health.evaluate_sample(epoch=p.epoch, step=p.global_step, samples=samples))
-
-    def _fold(self) -> None:
-        """Add the steps reported since the last fold to the epoch's sums, on the device.
-
-        A handful of kernels per logging step instead of two per step: the per-step cost of
-        ``step()`` is then a list append. Nothing is read back here.
-        """
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        by_n: dict[int, list[torch.Tensor]] = {}
-        for loss, n, _ in pending:
-            by_n.setdefault(n, []).append(loss.reshape(()))
-        total = sum(torch.stack(ls).float().sum() * n for n, ls in by_n.items())
-        self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
-        correct = [c.reshape(()) for _, _, c in pending if c is not None]
-        if correct:
-            c = torch.stack(correct).sum()
-            self._correct_sum = c if self._correct_sum is None else self._correct_sum + c
-
-    def _gather(self, item: Any) -> list:
-        return [item] if self.dist is None else self.dist.all_gather(item)
-
-    def _epoch_means(self) -> tuple[float, float | None]:
-        """The epoch's mean train loss and accuracy (over all ranks under DDP): one read-back."""
-        device = self._loss_sum.device if self._loss_sum is not None else "cpu"
-        zero = torch.zeros((), device=device)
-        loss = self._loss_sum if self._loss_sum is not None else zero
-        correct = self._correct_sum if self._correct_sum is not None else zero
-        sums = torch.stack([loss.double(), correct.double(),
-                            torch.tensor(float(self._count), dtype=torch.float64, device=device)])
-        if self.dist:
-            self.dist.all_reduce_sum(sums)
-        loss_sum, n_correct, count = sums.tolist()
-        has_correct = self._correct_sum is not None
-        if self._resumed_sums:  # the part of this epoch trained before a mid-epoch resume
-            r_loss, r_correct, r_count = self._resumed_sums
-            loss_sum, count = loss_sum + r_loss, count + r_count
-            if r_correct is not None:
-                n_correct, has_correct = n_correct + r_correct, True
-        count = max(count, 1.0)
-        return loss_sum / count, (n_correct / count if has_correct else None)
-
-    def _emit_alerts(self, events: list[dict]) -> None:
-        for alert in events:
-            new = alert.pop("new", False)
-            if self.is_writer:
-                self.run.append_alert(alert)
-            if alert.get("resolved"):
-                self.log("INFO", f"resolved: {alert['message']}")
-            elif new:
-                level = "ERROR" if alert["severity"] == "critical" else "WARNING"
-                self.log(level, f"[{alert['rule']}] {alert['message']}")
-                if self.writer:
-                    self.writer.text(alert.get("step") or 0, "alerts", f"**{alert['severity'].upper()} {alert['rule']}**: {alert['message']}")
-                if alert.get("action") in ("stop", "pause"):
-                    # Applied by the training thread at its next step boundary, never from here:
-                    # this may run on the heartbeat thread.
-                    with self._actions_lock:
-                        self._pending_actions.append((alert["action"], alert["rule"]))
+    def _record_alerts(self, events: list[AlertEvent]) -> None:
+        """Record alert events (training thread or watchdog); actions wait for the next boundary."""
+        for action, rule in record_alerts(events, self.sink, self._log):
+            self._controller.queue_action(action, rule)
         if events:
-            self._poke()
-
-    def _record_health(self, scalars: dict, events: list[dict]) -> None:
-        if scalars and self.writer:
-            self.writer.scalars(self.progress.global_step, scalars)
-        self._emit_alerts(events)
-
-    def _poke(self) -> None:
-        if self._heartbeat:
             self._heartbeat.poke()
 
-    def _beat(self) -> None:
-        if self.health is not None:
-            self._emit_alerts(self.health.on_tick(self.progress, self.system.latest() if self.system else None))
-        self._write_status()
-        now = time.monotonic()
-        if self.system is not None and self.writer and now >= self._next_system_scalars:
-            self._next_system_scalars = now + SYSTEM_SCALARS_EVERY_S
-            values = self.system.scalars()
-            if values:
-                self.writer.scalars(self.progress.global_step, values)
 
-    def _write_status(self) -> None:
-        if not self.is_writer:
-            return
-        health = self.health
-        status = build_status(
-            self.progress, system=self.system.latest() if self.system else None,
-            alerts_active=health.active_count() if health is not None else 0,
-            health_score=health.score(self.progress.warnings, self.progress.errors) if health is not None else 100,
-            extra={"run_dir": str(self.run_dir), **({"ranks": self._ranks} if self._ranks else {})},
-        )
-        if self.dist and status["state"] not in FINAL_STATES:
-            failures = self.run.rank_failures()
-            if failures:  # a peer crashed while this rank may be blocked in a collective
-                status["state"], status["message"] = "failed", failures[0]["message"]
-        with self._lock:
-            if self._final_written:  # a late heartbeat must not turn "completed" back into "training"
-                return
-            self.run.write_status(status)
-            self._final_written = status["state"] in FINAL_STATES
-
-    def _make_health(self):
-        if self._health_settings is False:
-            return None
-        from tbhealth.instruments.watch import HealthWatch
-
-        state = (self._resume_state or {}).get("health")
-        return HealthWatch(self._health_settings, model=self.model, state=state)
-
-    def _gpu_index(self) -> int | None:
-        if self.model is None:
-            return None
-        try:
-            dev = next(self.model.parameters()).device
-        except StopIteration:
-            return None
-        return (dev.index or 0) if dev.type == "cuda" else None
+def _device_of(model: torch.nn.Module | None) -> torch.device | None:
+    try:
+        return next(model.parameters()).device if model is not None else None
+    except StopIteration:
+        return None
 
 
 def _f(v: Any) -> float | None:
-    if v is None:
-        return None
-    v = float(v.item() if hasattr(v, "item") else v)
-    return v
-
-
-def _metrics_line(m: dict) -> str:
-    parts = []
-    for k, v in m.items():
-        if v is None:
-            continue
-        parts.append(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}")
-    return ", ".join(parts)
+    return None if v is None else float(v.item() if hasattr(v, "item") else v)

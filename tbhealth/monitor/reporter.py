@@ -6,18 +6,22 @@ redraw. Rich redraws from its own thread.
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tbhealth.run.status import METRIC_KEYS
+
 LEVEL_STYLES = {"DEBUG": "dim", "INFO": "", "WARNING": "yellow", "ERROR": "bold red"}
 
 
 def format_metrics(metrics: dict) -> str:
+    """The epoch line on the terminal: ``train_loss=0.1234 train_acc=96.50% ... lr=0.001``."""
     parts = []
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+    for key in METRIC_KEYS:
         v = metrics.get(key)
         if v is None:
             continue
@@ -28,6 +32,12 @@ def format_metrics(metrics: dict) -> str:
         else:
             parts.append(f"{key}={v:.4f}")
     return " ".join(parts)
+
+
+def metrics_line(metrics: dict) -> str:
+    """The epoch's metrics in the run's log: ``train_loss=0.1234, ..., lr=0.001`` (NaN spelled out)."""
+    values = [(k, metrics.get(k)) for k in METRIC_KEYS]
+    return ", ".join(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in values if v is not None)
 
 
 class Reporter:

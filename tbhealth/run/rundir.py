@@ -30,11 +30,25 @@ from pathlib import Path
 from typing import Any
 
 from tbhealth.run.files import FORMAT_VERSION, append_record, file_size, read_json, read_records, write_json_atomic
-from tbhealth.run.states import COMMANDS, effective_state
+from tbhealth.run.states import COMMANDS, NO_STATUS_WHY, NOT_LIVE_WHY, is_live
+from tbhealth.run.status import effective_status
 
 STATE_SUBDIR = Path("plugins") / "tbhealth"
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
+
+
+class RunNotLiveError(Exception):
+    """A control request for a run that cannot act on it; nothing was sent.
+
+    ``state`` is the run's effective state (``unknown`` without a readable status) and ``why``
+    says in a few words why such a run cannot act, so each front end can phrase its answer.
+    """
+
+    def __init__(self, run: Path, state: str, command: str):
+        self.run, self.state, self.command = run, state, command
+        self.why = NOT_LIVE_WHY.get(state, NO_STATUS_WHY)
+        super().__init__(f"run {run} is {state}: {command} not sent ({self.why})")
 
 
 @dataclass(frozen=True)
@@ -80,12 +94,7 @@ class RunDir:
 
         The state the trainer wrote stays available as ``reported_state``.
         """
-        status = read_json(self.status_path)
-        if not isinstance(status, dict) or "state" not in status:
-            return None
-        status["reported_state"] = status["state"]
-        status["state"] = effective_state(status, now)
-        return status
+        return effective_status(read_json(self.status_path), now)
 
     # -- health settings --------------------------------------------------------------------
 
@@ -127,6 +136,19 @@ class RunDir:
         return list(by_id.values())
 
     # -- control ------------------------------------------------------------------------------
+
+    def send_control(self, command: str, source: str) -> str:
+        """Queue ``command`` if the run is live (the one check the CLI and the Health tab share);
+        returns the request's id. :class:`RunNotLiveError` when it is not: nothing is written.
+
+        Live is judged from the status as readers see it, so a killed trainer (stale heartbeat)
+        is not sent requests that nobody will ever answer.
+        """
+        status = self.read_status()
+        state = status["state"] if status else "unknown"
+        if not is_live(state):
+            raise RunNotLiveError(self.path, state, command)
+        return self.request_control(command, source)
 
     def request_control(self, command: str, source: str = "cli") -> str:
         """Append a control request; returns its id. The trainer acknowledges it in acks.jsonl."""
@@ -216,4 +238,4 @@ def _parse_request(r: dict, fallback_id: str) -> ControlRequest:
     return ControlRequest(id=rid, command=command, source=str(r.get("source", "")), time=float(r.get("time") or 0))
 
 
-__all__ = ["STATE_SUBDIR", "CHECKPOINT_SUBDIR", "CONFIG_FILE", "RunDir", "ControlRequest"]
+__all__ = ["STATE_SUBDIR", "CHECKPOINT_SUBDIR", "CONFIG_FILE", "RunDir", "ControlRequest", "RunNotLiveError"]

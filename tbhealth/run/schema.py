@@ -182,6 +182,7 @@ class RunSummary(TypedDict):
     run: str
     path: str
     state: Literal[State, "unknown"]
+    reported_state: State | None  # what the trainer last wrote (explains ``unresponsive``)
     epoch: Count | None
     total_epochs: Count | None
     batch: Count | None

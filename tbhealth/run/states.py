@@ -38,6 +38,16 @@ STALE_AFTER_S = 10.0
 
 #: Control commands a run accepts.
 COMMANDS: tuple[str, ...] = ("pause", "resume", "stop", "checkpoint")
+#: Why a run in a state that is not live cannot act on a request (readers say it to the user).
+NOT_LIVE_WHY: dict[str, str] = {
+    State.COMPLETED.value: "it finished",
+    State.STOPPED.value: "it was stopped",
+    State.FAILED.value: "it failed",
+    State.STOPPING.value: "it is already stopping",
+    UNRESPONSIVE: "its heartbeat is stale: the trainer was killed or hangs",
+}
+#: ... and for a run with no readable status at all.
+NO_STATUS_WHY = "it has no heartbeat yet"
 
 
 def is_live(state: str) -> bool:
@@ -59,5 +69,5 @@ def effective_state(status: dict, now: float | None = None) -> str:
 
 __all__ = [
     "State", "STATES", "LIVE_STATES", "FINAL_STATES", "UNRESPONSIVE", "READ_STATES", "STALE_AFTER_S",
-    "COMMANDS", "is_live", "effective_state",
+    "COMMANDS", "NOT_LIVE_WHY", "NO_STATUS_WHY", "is_live", "effective_state",
 ]

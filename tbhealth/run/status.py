@@ -1,9 +1,15 @@
 """The status document of DESIGN.md, shaped in one place: built by the trainer, read by everyone.
 
-:func:`build_status` turns a run's progress into ``status.json`` (the heartbeat writes it);
-:func:`public_status`, :func:`run_summary` and :func:`newest_first` are what ``tbhealth
-status|runs --json`` print and what the Health tab's ``GET status|runs`` answer. The shapes are
-declared in :mod:`tbhealth.run.schema`. Pure functions: no I/O, no torch.
+One function per step of its life:
+
+1. :func:`build_status`: a run's progress -> ``status.json`` (the monitor's heartbeat writes it);
+2. :func:`effective_status`: the file as a reader sees it (``unresponsive`` when stale, the
+   trainer's own word kept as ``reported_state``; ``RunDir.read_status`` applies it);
+3. :func:`public_status`: what ``tbhealth status --json`` prints and ``GET status`` answers;
+4. :func:`run_summary` (+ :func:`newest_first`): one row of ``tbhealth runs --json`` and of
+   ``GET runs``, the same row for both.
+
+The shapes are declared in :mod:`tbhealth.run.schema`. Pure functions: no I/O, no torch.
 """
 
 from __future__ import annotations
@@ -12,13 +18,15 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from tbhealth.run.states import State
+from tbhealth.run.states import FINAL_STATES, State, effective_state
 
 if TYPE_CHECKING:  # the monitor's mutable progress; only its attributes are read here
     from tbhealth.monitor.progress import Progress
 
 #: The per-epoch metrics every status carries (``metrics.<key>``), in display order.
 METRIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+#: The TensorBoard scalar each is written under, once per epoch: ``train/loss``, ..., ``lr``.
+METRIC_TAGS = {key: key.replace("_", "/", 1) for key in METRIC_KEYS}
 #: States in which a run still has an ETA.
 _ETA_STATES = (State.TRAINING.value, State.PAUSED.value, State.STARTING.value)
 
@@ -63,17 +71,13 @@ def metrics_with_deltas(history: list[dict]) -> dict[str, dict | None]:
 
 
 def build_status(p: Progress, *, system: dict | None, alerts_active: int, health_score: int,
-                 extra: dict | None = None, now: float | None = None) -> dict[str, Any]:
-    """The status JSON of DESIGN.md (``updated_at`` is added by the writer)."""
+                 peer_failure: str | None = None, now: float | None = None) -> dict[str, Any]:
+    """The status JSON of DESIGN.md (``updated_at`` is added by the writer).
+
+    ``peer_failure``: under DDP, the message of another rank that crashed while this one may
+    be blocked in a collective: a run that is not finished yet then reads ``failed`` with it.
+    """
     now_m = time.monotonic() if now is None else now
-    eta = None
-    if p.state in _ETA_STATES:
-        in_epoch = p.epoch > p.epochs_done  # between two epochs, none of the next one is done yet
-        eta = estimate_eta(p.epoch_durations, p.epochs_done, p.total_epochs,
-                           p.epoch_active_seconds(now_m) if in_epoch else 0.0, p.batch if in_epoch else 0,
-                           p.batches_per_epoch)
-    elif p.state == State.COMPLETED.value:
-        eta = 0.0
     status = {
         "run": p.run,
         "state": p.state,
@@ -85,7 +89,7 @@ def build_status(p: Progress, *, system: dict | None, alerts_active: int, health
         "global_step": p.global_step,
         "started_at": p.started_at,
         "elapsed_s": round(p.active_seconds(now_m), 3),
-        "eta_s": None if eta is None else round(eta, 1),
+        "eta_s": _eta(p, now_m),
         "last_step_at": p.last_step_time,
         "metrics": metrics_with_deltas(p.history),
         "system": system,
@@ -95,9 +99,39 @@ def build_status(p: Progress, *, system: dict | None, alerts_active: int, health
         "log_counts": {"warnings": p.warnings, "errors": p.errors},
         "world_size": p.world_size,
         "message": p.message,
+        "run_dir": p.run_dir,
+        "last_checkpoint": p.last_checkpoint,
+        "pid": p.pid,
+        "host": p.host,
     }
-    if extra:
-        status.update(extra)
+    if p.device is not None:
+        status["device"] = p.device
+    if p.ranks:
+        status["ranks"] = list(p.ranks)
+    if peer_failure is not None and p.state not in FINAL_STATES:
+        status["state"], status["message"] = State.FAILED.value, peer_failure
+    return status
+
+
+def _eta(p: Progress, now_m: float) -> float | None:
+    if p.state == State.COMPLETED.value:
+        return 0.0
+    if p.state not in _ETA_STATES:
+        return None
+    in_epoch = p.epoch > p.epochs_done  # between two epochs, none of the next one is done yet
+    eta = estimate_eta(p.epoch_durations, p.epochs_done, p.total_epochs,
+                       p.epoch_active_seconds(now_m) if in_epoch else 0.0, p.batch if in_epoch else 0,
+                       p.batches_per_epoch)
+    return None if eta is None else round(eta, 1)
+
+
+def effective_status(status: Any, now: float | None = None) -> dict | None:
+    """A status file as readers report it: ``state`` made effective (``unresponsive`` when its
+    heartbeat is stale), the trainer's own word kept as ``reported_state``; None if unusable."""
+    if not isinstance(status, dict) or "state" not in status:
+        return None
+    status["reported_state"] = status["state"]
+    status["state"] = effective_state(status, now)
     return status
 
 
@@ -175,13 +209,15 @@ def newest_first(rows: list[dict]) -> list[dict]:
 
 
 def run_summary(run: str, path: str, status: dict | None) -> dict:
-    """One ``runs --json`` row; a run whose status cannot be read is listed as ``unknown``."""
+    """One row of ``runs --json`` and of the Health tab's ``GET runs``; a run whose status cannot
+    be read is listed as ``unknown``. ``reported_state`` explains an ``unresponsive`` run."""
     s = status or {}
     started = _num(s.get("started_at"))
     return json_safe({
         "run": run,
         "path": path,
         "state": s.get("state", "unknown") if status else "unknown",
+        "reported_state": s.get("reported_state"),
         "epoch": _count(s.get("epoch")),
         "total_epochs": _count(s.get("total_epochs")),
         "batch": _count(s.get("batch")),

@@ -8,6 +8,10 @@ Names inside ``<run>/checkpoints/``:
 ``last.pt`` (end of every epoch and on stop), ``epoch-0005.pt`` (every ``every_epochs``, newest
 ``keep_last`` kept), ``best.pt`` (best monitored metric), ``manual-step-000123.pt`` (requested
 from the CLI or the Health tab; never rotated away).
+
+Each checkpoint the trainer writes says its layout in ``format`` (:data:`FORMAT_VERSION`);
+:func:`load` refuses another one with a message naming the file and both versions, rather than
+failing later on a missing key.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from tbhealth.run.files import atomic_write
 from tbhealth.run.rundir import RunDir
 
 RESUMABLE_PREFIXES = ("last", "epoch-", "manual-")
+#: The layout of the dict the trainer saves; raise it when a key changes meaning or goes away.
+FORMAT_VERSION = 1
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint this version of tbhealth cannot resume from."""
 
 
 def save_atomic(obj: dict, path: Path) -> Path:
@@ -32,8 +42,17 @@ def save_atomic(obj: dict, path: Path) -> Path:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """A trainer checkpoint, after checking its ``format``; :class:`CheckpointFormatError` if
+    it is not one this version writes."""
     # weights_only=False: our own files carry optimizer state, RNG states and the config dict.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != FORMAT_VERSION:
+        what = f"format {found!r}" if found is not None else "no format version (not a tbhealth trainer checkpoint?)"
+        raise CheckpointFormatError(
+            f"{path}: checkpoint has {what}; this tbhealth reads format {FORMAT_VERSION}. "
+            "Resume it with the tbhealth version that wrote it, or start the run again without --resume.")
+    return state
 
 
 def rng_state() -> dict:

@@ -1,15 +1,16 @@
 """The config-driven trainer behind ``tbhealth train``: one user of :class:`tbhealth.Monitor`.
 
 It builds data, model, loss, optimizer and scheduler from the config, trains and validates each
-epoch, and reports to the monitor; it never writes TensorBoard data itself. The step keeps
-everything on the device (loss, correct predictions): the monitor decides when to read back.
+epoch, and reports to the monitor through its public API only (the same calls any loop makes);
+it never writes TensorBoard data itself. The step keeps everything on the device (loss, correct
+predictions): the monitor decides when to read back. The monitor decides when a checkpoint is
+due (requests, stops) and calls :meth:`Trainer.save_checkpoint` with its own state to store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -88,21 +89,24 @@ class Trainer:
         self.batch_size = cfg.data.batch_size
         self.steps_per_epoch = -(-self._shard_len() // (self.batch_size * cfg.accumulate_steps))
         self.scheduler = registry.build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.plateau = registry.is_plateau(self.scheduler)
         self.amp_dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.ckpts = ckpt.CheckpointManager(self.run, keep_last=cfg.checkpoint.keep_last)
         self.best: float | None = None
         self._skip = 0  # samples of the first epoch already trained before a mid-epoch resume
-        resume_state = self._restore(saved) if saved else None
+        if saved:
+            self._restore(saved)
         if self.rank == 0:
             write_text_atomic(self.run.config_path, dump_config(cfg))
         self.monitor = Monitor(
             run_dir=self.run.path, total_epochs=cfg.epochs, model=self.model, optimizer=self.optimizer,
             checkpoint_fn=self.save_checkpoint, health=cfg.health, log_every=cfg.logging.every_steps,
-            resume_state=resume_state, verbose=verbose, dist=dist,
+            verbose=verbose, dist=dist,
         )
-        self._resumed_from = resume_state
+        if saved:  # progress is counted in this job's steps: the world size may have changed
+            self.monitor.load_state_dict(saved["monitor"], batch=self._skip // self._samples_per_step())
+        self._resumed_from = saved
 
     # ------------------------------------------------------------------ the recipe
 
@@ -111,7 +115,7 @@ class Trainer:
         mon = self.monitor
         with mon:
             if self._resumed_from is not None:
-                mon.log("INFO", f"resumed from step {mon.global_step}, epoch {mon.progress.epochs_done} done")
+                mon.log("INFO", f"resumed from step {mon.global_step}, epoch {mon.epochs_done} done")
             mon.log("INFO", f"training {type(self.model).__name__} on {self.device} "
                     f"({self._param_count():,} parameters, {self.steps_per_epoch} steps/epoch)")
             for epoch in mon.epochs(batches_per_epoch=self.steps_per_epoch):
@@ -119,7 +123,7 @@ class Trainer:
                 if mon.should_stop:
                     break
                 self.end_epoch(epoch)
-        return mon.progress.state
+        return mon.state
 
     def train_epoch(self, epoch: int) -> None:
         mon, cfg = self.monitor, self.cfg
@@ -191,9 +195,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = torch.zeros((), device=self.device, dtype=torch.long)
         shard = range(self.rank, len(self.bundle.val), self.world_size)  # no padding: exact sums
-        progress = self.monitor.progress
         for x, y in self._loader(self.bundle.val, shard):
-            progress.last_step_time = time.time()  # a long validation is progress, not a stall
+            self.monitor.keep_alive()  # a long validation is progress, not a stall
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             out = self._fit_shape(self.model(x), y).float()
             loss_sum += self.loss_fn(out, y).float() * len(x)
@@ -221,29 +224,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, kind: str) -> Path:
-        """Called at a step boundary by the monitor (manual, stop) or by the trainer (last, epoch, best)."""
-        p = self.monitor.progress
+    def save_checkpoint(self, kind: str, monitor_state: dict) -> Path:
+        """The monitor's checkpoint hook, called at a step boundary: ``manual`` and ``stop`` on
+        request, ``last``/``epoch``/``best`` through ``Monitor.save_checkpoint`` at an epoch's end.
+        ``monitor_state`` is ``Monitor.state_dict()``; it says where the run is, and is stored for
+        the resume. Rank 0 writes; the others hold identical weights and only name the file."""
+        s = monitor_state
         kind = "last" if kind == "stop" else kind
-        path = self.ckpts.path_for(kind, epoch=p.epochs_done, step=p.global_step)
-        if self.rank != 0:  # rank 0 writes; the others hold identical weights
+        epoch, step = s["epochs_done"], s["global_step"]
+        path = self.ckpts.path_for(kind, epoch=epoch, step=step)
+        if self.rank != 0:
             return path
+        in_epoch = s["epoch"] > epoch  # stopped mid-epoch: the samples it saw are skipped on resume
+        samples_done = min(s["batch"] * self._samples_per_step(), len(self.bundle.train)) if in_epoch else 0
         state = {
-            "format": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "format": ckpt.FORMAT_VERSION, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(), "epoch": p.epochs_done, "batch": p.batch,
-            "samples_done": self._samples_done(), "world_size": self.world_size,
-            "global_step": p.global_step, "rng": ckpt.rng_state(), "config": self.cfg.model_dump(mode="json"),
-            "monitor": self.monitor.state_dict(), "best": self.best, "seed": self.seed,
+            "scaler": self.scaler.state_dict(), "epoch": epoch, "batch": s["batch"],
+            "samples_done": samples_done, "world_size": self.world_size, "global_step": step,
+            "rng": ckpt.rng_state(), "config": self.cfg.model_dump(mode="json"),
+            "monitor": monitor_state, "best": self.best, "seed": self.seed,
         }
-        return self.ckpts.save(state, kind, epoch=p.epochs_done, step=p.global_step)
+        return self.ckpts.save(state, kind, epoch=epoch, step=step)
 
-    def _samples_done(self) -> int:
-        """Training samples of the current epoch already seen, over all ranks (for a resume)."""
-        p = self.monitor.progress
-        if p.epoch <= p.epochs_done:
-            return 0
-        return min(p.batch * self.batch_size * self.cfg.accumulate_steps * self.world_size, len(self.bundle.train))
+    def _samples_per_step(self) -> int:
+        """Training samples one optimizer step consumes, over all ranks."""
+        return self.batch_size * self.cfg.accumulate_steps * self.world_size
 
     def _epoch_checkpoints(self, epoch: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -254,10 +260,10 @@ class Trainer:
         better = value is not None and (self.best is None or (value > self.best if key.endswith("acc") else value < self.best))
         if better:
             self.best = value
-            self.save_checkpoint("best")
+            self.monitor.save_checkpoint("best")
         if cfg.every_epochs and epoch % cfg.every_epochs == 0:
-            self.save_checkpoint("epoch")
-        self.save_checkpoint("last")
+            self.monitor.save_checkpoint("epoch")
+        self.monitor.save_checkpoint("last")
 
     def _load_latest(self) -> dict:
         path = ckpt.CheckpointManager(self.run).latest()
@@ -265,7 +271,7 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.run.checkpoint_dir}")
         return ckpt.load(path, map_location="cpu")  # load_state_dict moves tensors to the model's device
 
-    def _restore(self, state: dict) -> dict:
+    def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
@@ -273,11 +279,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
         self.best = state.get("best")
-        monitor = dict(state["monitor"])
         self._skip = state.get("samples_done", 0)
-        # a different world size after resume: progress is counted in this job's steps
-        monitor["batch"] = self._skip // (self.batch_size * self.cfg.accumulate_steps * self.world_size)
-        return monitor
 
     # ------------------------------------------------------------------ helpers
 
