@@ -280,7 +280,7 @@ export class RunPage {
   async confirmStop() {
     const ok = await confirmDialog(document.body, {
       title: `Stop run ${this.run}?`,
-      body: 'The trainer saves a checkpoint and ends training. This cannot be undone (resume later with tbhealth train --resume).',
+      body: `The trainer saves a checkpoint and ends training. This cannot be undone (later: ${this.model.status?.resume_hint ?? 'continue it with tbhealth train --resume'}).`,
       confirmText: 'Stop run', tone: 'bad', testid: 'confirm-stop',
     });
     if (ok) await this.control('stop');

@@ -39,6 +39,7 @@ class HealthWatch:
         self._lock = threading.Lock()
         self._seen_step, self._seen_at = -1, time.time()  # last step count the watchdog saw change
         self._first_loss: torch.Tensor | None = None  # the run's first step loss, on the device until read
+        self._captured = False  # this sampled step's gradients were taken by gradients_ready()
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` of an earlier session: open alerts keep their ids (and
@@ -72,11 +73,21 @@ class HealthWatch:
         if self.instruments is not None and next_step % self.cfg.every_steps == 0:
             self.instruments.arm()
 
+    def gradients_ready(self) -> None:
+        """On a sampled step, take the per-layer gradient norms now (after backward and
+        ``unscale_``, before clipping) rather than at the step's end, after clipping; the last
+        call before the step's end counts."""
+        if self.armed:
+            self.instruments.capture_gradients()
+            self._captured = True
+
     def read_sample(self) -> dict:
         """A sampled step just finished: read this process's instruments (one sync)."""
         inst = self.instruments
         inst.disarm()
-        inst.capture_gradients()
+        if not self._captured:
+            inst.capture_gradients()
+        self._captured = False
         return inst.read()
 
     def evaluate_sample(self, *, epoch: int, step: int, samples: list[tuple[int | None, dict]]

@@ -1,5 +1,6 @@
 """What both framework callbacks need: lazy imports, one optimizer step's micro-batches, the
-process group as a :class:`~tbhealth.distributed.DistContext`, and where a run folder goes."""
+process group as a :class:`~tbhealth.distributed.DistContext`, and the run folder every
+process agrees on."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import importlib
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from tbhealth.distributed import DistContext
+from tbhealth.monitor.setup import run_folder
 
 
 def require(module: str, extra: str, needed_by: str) -> ModuleType:
@@ -24,7 +26,7 @@ def require(module: str, extra: str, needed_by: str) -> ModuleType:
             f"pip install 'tbhealth[{extra}]'") from e
 
 
-class StepWindow:
+class MicroBatches:
     """The micro-batches of one optimizer step (gradient accumulation), summed on the device.
 
     ``add`` costs one or two tensor adds and no host-device sync: the monitor reads the sums back
@@ -83,50 +85,9 @@ def dist_context(device: torch.device) -> DistContext | None:
     return DistContext(dist.get_rank(), dist.get_world_size(), local, device, group)
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with tensors as numbers and tuples as lists, for JSON checkpoint formats (Hugging
-    Face keeps callback state in ``trainer_state.json``). NaN stays NaN: Python's json writes it."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-# --------------------------------------------------------------------------- PROTOTYPE SHIM
-# Maps the public Monitor calls the integrations need onto the Monitor of main@dabb3e0; removed
-# once the reshaped Monitor (branch core9) is merged and has them. Still missing there (issue #12
-# point 3): total_steps= (ETA/progress of step-driven runs), step(lr=) with a per-step `lr` scalar,
-# resume into the same run from the state alone (state_dict() carrying run_dir), checkpoint_dir,
-# resume_hint= (stop/resume messages and the CLI's hints name what applies to this loop),
-# handle_signals chaining to the previous handler, a deferred acknowledgement (checkpoint_fn
-# returns a pending path; the integration reports the write when the framework has done it), the
-# stops count inside the stop checkpoint, and a JSON-safe state_dict (HF trainer_state.json).
-import time as _time  # noqa: E402
-
-from tbhealth.monitor.monitor import Monitor as _Base  # noqa: E402
-
-
-class Monitor(_Base):
-    def __init__(self, *, total_epochs=None, total_steps=None, resume_hint=None, **kw):
-        super().__init__(total_epochs=total_epochs or 10**6, **kw)
-
-    def step(self, loss, *, lr=None, **kw):
-        super().step(loss, **kw)
-
-    def keep_alive(self):
-        self.progress.last_step_time = _time.time()
-
-    def start_epoch(self, epoch, batches_per_epoch=None, batch=None):
-        p = self.progress
-        if batch is None:
-            batch = p.batch if epoch == p.epoch > p.epochs_done else 0
-        super().start_epoch(epoch, batches_per_epoch, batch)
-
-    @property
-    def checkpoint_dir(self):
-        return self.run.checkpoint_dir
+def agreed_run_dir(base: str | os.PathLike, name: str, saved: dict | None, *, lead: bool,
+                   broadcast: Callable[[Any], Any]) -> Path:
+    """The run folder of every process: rank 0 picks it (the folder a resumed monitor state names,
+    else a new ``base/name`` made unique) and ``broadcast`` hands its choice to the others."""
+    path = str(run_folder(base, name, None, saved)) if lead else None
+    return Path(broadcast(path))

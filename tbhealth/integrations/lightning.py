@@ -8,13 +8,16 @@ What it does, hook by hook (Lightning 2.x order within one optimizer step):
 - ``on_train_start`` opens the run in ``<trainer.log_dir>/<name>`` (next to the logger's own
   events, so one ``tbhealth board lightning_logs`` shows both), or continues the run saved in the
   checkpoint Lightning resumes from. Lightning has registered its SIGTERM handler by then; the
-  monitor's handler runs and then calls Lightning's (chained, not replaced).
+  monitor's handler runs and then calls Lightning's (``handle_signals="chain"``: chained, not
+  replaced). A SIGTERM thus stops at the step boundary with a checkpoint and Lightning then
+  exits its own way (``SIGTERMException``): the run reads ``stopped``.
 - ``on_train_batch_end`` of every micro-batch adds its loss (``training_step``'s, un-scaled from
   Lightning's division by ``accumulate_grad_batches``), its batch size and an optional
   ``"correct"`` entry of the step's output dict to the optimizer step's sums (on the device).
   When ``trainer.global_step`` moved, an optimizer step finished: the monitor gets one ``step``.
 - ``on_before_optimizer_step`` runs after backward, AMP unscaling and before gradient clipping:
-  the learning rate of the step and, on the monitor's logging steps only, the pre-clip gradient
+  the learning rate of the step, on sampled steps the per-layer gradient norms
+  (``Monitor.gradients_ready``) and, on the monitor's logging steps only, the pre-clip gradient
   norm (a device tensor, read back by the monitor with the loss in one transfer) are taken there.
 - A stop (CLI, Health tab, a health rule, Ctrl-C) sets ``trainer.should_stop`` after the
   checkpoint; pause blocks at the step boundary; "checkpoint now" runs ``trainer.save_checkpoint``
@@ -30,14 +33,13 @@ What it does, hook by hook (Lightning 2.x order within one optimizer step):
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tbhealth.integrations._common import Monitor, StepWindow, batch_size, dist_context, require
-from tbhealth.run.names import unique_run_dir
+from tbhealth.integrations._common import MicroBatches, agreed_run_dir, batch_size, dist_context, require
+from tbhealth.monitor import Monitor
 
 
 def _lightning():
@@ -48,7 +50,8 @@ def _lightning():
 
 
 L = _lightning()
-RESUME_HINT = "resume with `trainer.fit(model, ckpt_path=...)` on the stop checkpoint"
+RESUME_HINT = ("continue it with `trainer.fit(model, ckpt_path=...)` on its stop checkpoint (in the run's "
+               "checkpoints/ folder)")
 
 
 class TBHealthCallback(L.Callback):
@@ -73,7 +76,7 @@ class TBHealthCallback(L.Callback):
         self.verbose, self.system_metrics = verbose, system_metrics
         self.monitor: Monitor | None = None
         self._saved: dict | None = None  # from load_state_dict: the run a resume continues
-        self._window = StepWindow()
+        self._window = MicroBatches()
         self._grad_norm: torch.Tensor | None = None
         self._lr: float | None = None
         self._steps_seen = 0
@@ -83,28 +86,22 @@ class TBHealthCallback(L.Callback):
     # ------------------------------------------------------------------ run lifecycle
 
     def on_train_start(self, trainer, pl_module) -> None:
-        saved = self._saved or {}
-        run_dir = saved.get("run_dir") or self._new_run_dir(trainer)
-        total_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        base = trainer.log_dir if trainer.logger is not None else trainer.default_root_dir
+        run_dir = agreed_run_dir(base, self.name, self._saved, lead=trainer.is_global_zero,
+                                 broadcast=trainer.strategy.broadcast)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.monitor = Monitor(
-            run_dir=run_dir, total_epochs=trainer.max_epochs if trainer.max_epochs not in (None, -1) else None,
-            total_steps=total_steps, model=pl_module, optimizer=optimizer,
-            checkpoint_fn=lambda kind: self._checkpoint(trainer, kind), health=self.health,
-            log_every=self.log_every, resume_state=saved.get("monitor"), verbose=self.verbose,
-            system_metrics=self.system_metrics, dist=dist_context(pl_module.device), resume_hint=RESUME_HINT,
+            run_dir=run_dir, total_epochs=_planned(trainer.max_epochs), total_steps=_planned(trainer.max_steps),
+            model=pl_module, optimizer=optimizer, checkpoint_fn=lambda kind: self._checkpoint(trainer, kind),
+            health=self.health, log_every=self.log_every, resume_state=self._saved, resume_hint=RESUME_HINT,
+            verbose=self.verbose, system_metrics=self.system_metrics, dist=dist_context(pl_module.device),
+            handle_signals="chain",
         )
         self.monitor.start()
         self._steps_seen = trainer.global_step
         batches = trainer.num_training_batches
         accumulate = trainer.accumulate_grad_batches
         self._per_epoch = -(-int(batches) // accumulate) if batches != float("inf") else None
-
-    def _new_run_dir(self, trainer) -> Path:
-        """``<log_dir>/<name>`` made unique on rank 0; every rank gets rank 0's choice."""
-        base = trainer.log_dir if trainer.logger is not None else trainer.default_root_dir
-        path = unique_run_dir(base, self.name) if trainer.is_global_zero else None
-        return Path(trainer.strategy.broadcast(path))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.monitor is not None:
@@ -117,8 +114,9 @@ class TBHealthCallback(L.Callback):
             return
         if isinstance(exception, KeyboardInterrupt):
             mon.close("stopped", message="aborted by a second interrupt")
-        elif isinstance(exception, SystemExit):  # Lightning's SIGTERMException
-            mon.close("stopped", message="stopped by Lightning on SIGTERM")
+        elif isinstance(exception, SystemExit):  # Lightning's SIGTERMException, after the monitor's stop
+            mon.close("stopped", message=None if mon.should_stop else "Lightning ended on SIGTERM before a step "
+                      "boundary: no stop checkpoint")
         else:
             mon.fail(exception)
 
@@ -130,11 +128,15 @@ class TBHealthCallback(L.Callback):
         self._epoch_open = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        """After backward and AMP unscaling, before clipping: the step's learning rate and, when
-        the coming step logs, its pre-clip gradient norm (a device tensor; no sync here)."""
+        """After backward and AMP unscaling, before clipping: the step's learning rate, on sampled
+        steps the per-layer norms and, when the coming step logs, the pre-clip gradient norm (a
+        device tensor; no sync here)."""
         self._lr = optimizer.param_groups[0]["lr"]
         mon = self.monitor
-        if mon is not None and (mon.global_step + 1) % mon.log_every == 0:
+        if mon is None:
+            return
+        mon.gradients_ready()
+        if (mon.global_step + 1) % mon.log_every == 0:
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
 
@@ -183,27 +185,30 @@ class TBHealthCallback(L.Callback):
     # ------------------------------------------------------------------ checkpoints and resume
 
     def _checkpoint(self, trainer, kind: str) -> Path:
-        """``trainer.save_checkpoint`` into the run's folder, renamed into place once complete.
+        """``trainer.save_checkpoint`` into the run's ``checkpoints/``, renamed into place once
+        complete and ``fsync``-ed (``Monitor.atomic_path``): it exists when the request is answered.
 
-        Called at the same step on every rank (Lightning's save is a collective; rank 0 writes).
-        The file holds this callback's state, so ``trainer.fit(..., ckpt_path=file)`` continues
-        the same tbhealth run.
+        Called at the same step on every rank (Lightning's save is a collective; rank 0 writes
+        the path it broadcasts). The file holds this callback's state, so
+        ``trainer.fit(..., ckpt_path=file)`` continues the same tbhealth run.
         """
         mon = self.monitor
-        path = mon.checkpoint_dir / f"{kind}-step-{mon.global_step:06d}.ckpt"
-        partial = path.with_name(f".{path.name}.partial")
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
-            os.replace(partial, path)
-        return path
+        name = f"{kind}-step-{mon.global_step:06d}.ckpt"
+        with mon.atomic_path(name) as tmp:
+            trainer.save_checkpoint(tmp)
+        return mon.checkpoint_dir / name
 
     def state_dict(self) -> dict:
-        if self.monitor is None:
-            return dict(self._saved or {})
-        return {"run_dir": str(self.monitor.run_dir), "monitor": self.monitor.state_dict()}
+        """The monitor's state (it names the run folder): Lightning stores it in its checkpoints."""
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._saved or {})
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._saved = dict(state_dict) if state_dict else None
+
+
+def _planned(limit: int | None) -> int | None:
+    """Lightning's ``max_epochs``/``max_steps``, with its ``-1`` and ``None`` (no limit) as None."""
+    return limit if limit is not None and limit > 0 else None
 
 
 __all__ = ["TBHealthCallback"]

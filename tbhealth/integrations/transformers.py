@@ -17,15 +17,21 @@ gradients before clipping):
 - **gradient norm, every ``logging_steps``**: the ``grad_norm`` the Trainer logs, which it computes
   before clipping (``max_grad_norm``). The monitor's logging steps are the Trainer's (``log_every``
   defaults to ``logging_steps``), and on those the monitor's step is completed in ``on_log``.
-- **learning rate, every step**: the optimizer's, in ``on_optimizer_step`` (before the scheduler steps).
+- **learning rate, every step**: the optimizer's, in ``on_optimizer_step`` (before the scheduler
+  steps), logged as ``step/lr`` on the monitor's logging steps.
+- **per-layer gradient norms, on sampled steps**: taken in ``on_pre_optimizer_step``, i.e. *after*
+  the Trainer clipped (it offers no hook in between); the Trainer zeroes gradients before
+  ``on_step_end``, so this is the last moment they exist.
 - **validation**: ``eval_loss`` / ``eval_accuracy`` from ``on_evaluate``; with
   ``eval_strategy="epoch"`` the epoch is recorded after its evaluation.
 
 Control goes through ``TrainerControl``: stop sets ``should_training_stop`` (and ``should_save``,
-so the stop leaves a ``checkpoint-N``), "checkpoint now" sets ``should_save``, pause waits at the
-step boundary. The run folder is ``<output_dir>/runs/<name>`` (``runs/`` is where the Trainer's
-own TensorBoard logs go; ``$TENSORBOARD_LOGGING_DIR`` or ``args.logging_dir`` where set). The
-monitor's state rides in ``trainer_state.json`` (``ExportableState``), so
+so the stop leaves a ``checkpoint-N``), "checkpoint now" sets ``should_save`` and hands the
+monitor a ``Future`` that ``on_save`` completes once the Trainer has written ``checkpoint-N``:
+the request is acknowledged then, not before. Pause waits at the step boundary. The run folder
+is ``<output_dir>/runs/<name>`` (``runs/`` is where the Trainer's own TensorBoard logs go;
+``$TENSORBOARD_LOGGING_DIR`` or ``args.logging_dir`` where set). The monitor's state (JSON-safe)
+rides in ``trainer_state.json`` (``ExportableState``), so
 ``trainer.train(resume_from_checkpoint=...)`` continues the same tbhealth run.
 """
 
@@ -34,19 +40,21 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tbhealth.integrations._common import Monitor, StepWindow, batch_size, dist_context, json_safe, require
-from tbhealth.run.names import unique_run_dir
+from tbhealth.integrations._common import MicroBatches, agreed_run_dir, batch_size, dist_context, require
+from tbhealth.monitor import Monitor
+from tbhealth.monitor.checkpoints import plain
 
 for _needed in ("transformers", "accelerate"):  # the Trainer runs on accelerate
     require(_needed, "transformers", "tbhealth.integrations.transformers")
 from transformers.trainer_callback import ExportableState, TrainerCallback  # noqa: E402
 
-RESUME_HINT = "resume with `trainer.train(resume_from_checkpoint=True)`"
+RESUME_HINT = "continue it with `trainer.train(resume_from_checkpoint=True)` (the same output_dir)"
 DEFAULT_LOG_EVERY = 50  # when the Trainer does not log by steps
 
 
@@ -68,10 +76,11 @@ class TBHealthCallback(TrainerCallback, ExportableState):
         self.verbose, self.system_metrics = verbose, system_metrics
         self.monitor: Monitor | None = None
         self._saved: dict | None = None
-        self._window = StepWindow()
+        self._window = MicroBatches()
         self._summed = False  # the model normalised its loss by the whole step's items
         self._pending: dict | None = None  # the optimizer step waiting for its log (grad_norm)
         self._control = None
+        self._save_wanted: tuple[Future, int] | None = None  # a "checkpoint now" and its step, until on_save
         self._output_dir = "."
         self._val: dict = {}
         self._epoch_done = False
@@ -81,14 +90,10 @@ class TBHealthCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         """What ``trainer_state.json`` keeps: the constructor's arguments and the monitor's state."""
-        args = {"name": self.name, "health": json_safe(self.health), "log_every": self.log_every,
+        args = {"name": self.name, "health": plain(self.health), "log_every": self.log_every,
                 "verbose": self.verbose, "system_metrics": self.system_metrics}
-        return {"args": args, "attributes": {"_saved": self._snapshot()}}
-
-    def _snapshot(self) -> dict | None:
-        if self.monitor is None:
-            return self._saved
-        return json_safe({"run_dir": str(self.monitor.run_dir), "monitor": self.monitor.state_dict()})
+        saved = self.monitor.state_dict() if self.monitor is not None else self._saved  # JSON-safe
+        return {"args": args, "attributes": {"_saved": saved}}
 
     def _resumed(self, state) -> dict | None:
         """The monitor state of the checkpoint the Trainer resumed from (whether or not
@@ -102,29 +107,25 @@ class TBHealthCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ run lifecycle
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        saved = self._resumed(state) or {}
+        saved = self._resumed(state)
         dist = dist_context(args.device)
-        run_dir = saved.get("run_dir") or self._new_run_dir(args, dist)
+        base = (os.environ.get("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None)
+                or os.path.join(args.output_dir, "runs"))
+        run_dir = agreed_run_dir(base, self.name, saved, lead=dist is None or dist.is_main,
+                                 broadcast=dist.broadcast if dist else lambda path: path)
         by_steps = args.max_steps is not None and args.max_steps > 0
         logs_steps = str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps"
         self._output_dir = args.output_dir
         self.monitor = Monitor(
             run_dir=run_dir, total_epochs=None if by_steps else int(-(-state.num_train_epochs // 1)),
-            total_steps=state.max_steps if by_steps else None, model=model, optimizer=optimizer,
-            checkpoint_fn=self._checkpoint,
-            health=self.health, resume_state=saved.get("monitor"), verbose=self.verbose,
+            total_steps=state.max_steps or None, model=model, optimizer=optimizer, checkpoint_fn=self._checkpoint,
+            health=self.health, resume_state=saved, resume_hint=RESUME_HINT, verbose=self.verbose,
             log_every=self.log_every or (int(state.logging_steps) if logs_steps else DEFAULT_LOG_EVERY),
-            system_metrics=self.system_metrics, dist=dist, resume_hint=RESUME_HINT,
+            system_metrics=self.system_metrics, dist=dist,
         )
         self.monitor.start()
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         _watch_for_crash(self)
-
-    def _new_run_dir(self, args, dist) -> Path:
-        base = (os.environ.get("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None)
-                or os.path.join(args.output_dir, "runs"))
-        path = unique_run_dir(base, self.name) if dist is None or dist.rank == 0 else None
-        return Path(dist.broadcast(path) if dist else path)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._flush()
@@ -134,6 +135,7 @@ class TBHealthCallback(TrainerCallback, ExportableState):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._saved_or_not(None)  # a request the Trainer never saved for is answered, not awaited
         if self.monitor is not None:
             self.monitor.fail(exc) if exc is not None else self.monitor.close()
 
@@ -176,6 +178,10 @@ class TBHealthCallback(TrainerCallback, ExportableState):
         self._summed = kwargs.get("num_items_in_batch") is not None
         self._window.add(loss, batch_size(kwargs) if kwargs else batch_size(args), _correct(output, kwargs))
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.monitor is not None:  # after clipping (no hook before it); gradients exist until zero_grad
+            self.monitor.gradients_ready()
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._flush()
         step = self._window.take() if self._window else {"loss": None, "n": 0, "correct": None}
@@ -212,12 +218,35 @@ class TBHealthCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint(self, kind: str) -> Path:
+    def _checkpoint(self, kind: str) -> Path | Future:
         """Ask the Trainer to save at this step (``should_save``): it writes ``checkpoint-N``
-        right after the callbacks of this step return."""
+        right after the callbacks of this step return. A ``manual`` request gets a future that
+        :meth:`on_save` completes, so it is acknowledged once the folder is written; the stop's
+        checkpoint is written before the Trainer leaves its loop, so its name is answered now (the
+        monitor would wait for a future here, inside the very callback the save comes after)."""
         if self._control is not None:
             self._control.should_save = True
-        return Path(self._output_dir) / f"checkpoint-{self.monitor.global_step}"
+        path = Path(self._output_dir) / f"checkpoint-{self.monitor.global_step}"
+        if kind == "stop":
+            return path
+        self._saved_or_not(None)
+        self._save_wanted = (Future(), self.monitor.global_step)
+        return self._save_wanted[0]
+
+    def on_save(self, args, state, control, **kwargs):
+        """The Trainer wrote ``checkpoint-<global_step>`` (model, optimizer, trainer_state.json)."""
+        if self._save_wanted is not None and self._save_wanted[1] == state.global_step:
+            self._saved_or_not(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def _saved_or_not(self, path: Path | None) -> None:
+        """Complete the pending request's future with the folder written, or fail it (None)."""
+        wanted, self._save_wanted = self._save_wanted, None
+        if wanted is None or wanted[0].done():
+            return
+        if path is None:
+            wanted[0].set_exception(RuntimeError(f"the Trainer did not save at step {wanted[1]}"))
+        else:
+            wanted[0].set_result(path)
 
 
 def _correct(output: Any, kwargs: dict) -> torch.Tensor | None:

@@ -36,8 +36,9 @@ class Readings:
         self._rank = dist.rank if dist is not None else None  # findings name the rank only under DDP
         self.last_loss: float | None = None  # mean over ranks at the last logging step (terminal)
 
-    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """The logging step: one transfer to the host for everything read this step."""
+    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, extra: dict | None = None) -> None:
+        """The logging step: one transfer to the host for everything read this step; ``extra``
+        scalars (``step/lr``) go out in the same event."""
         p = self._p
         loss_sum = self._sums.fold()
         if grad_norm is None and self._model is not None:
@@ -57,7 +58,7 @@ class Readings:
             p.ranks = [{"rank": r[0], "step": p.global_step, "loss": r[1]} for r in readings]
         if self._judge is not None:
             self._record(self._judge.on_log_step(epoch=p.epoch, step=p.global_step, readings=readings))
-        scalars = {"step/loss": self.last_loss}
+        scalars = {"step/loss": self.last_loss, **(extra or {})}
         if mine[3] is not None:
             scalars["step/grad_norm"] = mine[3]
         self._sink.scalars(p.global_step, scalars)

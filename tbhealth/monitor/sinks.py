@@ -38,7 +38,7 @@ CUSTOM_SCALARS = {
         "Accuracy (train vs val)": _charts("train_acc", "val_acc"),
         "Learning rate": _charts("lr"),
     },
-    "Steps": {"Step loss": ["^step/loss$"], "Gradient norm": ["^step/grad_norm$"]},
+    "Steps": {"Step loss": ["^step/loss$"], "Gradient norm": ["^step/grad_norm$"], "Learning rate": ["^step/lr$"]},
 }
 
 

@@ -102,7 +102,8 @@ class Trainer:
         self.monitor = Monitor(
             run_dir=self.run.path, total_epochs=cfg.epochs, model=self.model, optimizer=self.optimizer,
             checkpoint_fn=self.save_checkpoint, health=cfg.health, log_every=cfg.logging.every_steps,
-            verbose=verbose, dist=dist,
+            verbose=verbose, dist=dist, resume_hint=f"continue it with `tbhealth train {self.run.config_path} --logdir "
+            f"{self.run.path.parent} --name {self.run.path.name} --resume` (train longer: add `--set epochs=N`)",
         )
         if saved:  # progress is counted in this job's steps: the world size may have changed
             self.monitor.load_state_dict(saved["monitor"], batch=self._skip // self._samples_per_step())
