@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (2 or more: DDP over Gloo)")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
+    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (tbhealth reports the norm before it)")
     parser.add_argument("--log-every", type=int, default=10, help="tbhealth's per-step read-back cadence")
     parser.add_argument("--resume", default=None, help="a checkpoint to continue from (ckpt_path)")
     return parser.parse_args(argv)
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace, module: L.LightningModule | None = None, **mo
     train, val = digits(val_fraction=0.2, seed=0)
     trainer = L.Trainer(
         max_epochs=args.epochs, default_root_dir=args.logdir, accelerator="cpu", devices=args.devices,
-        accumulate_grad_batches=args.accumulate, log_every_n_steps=5, enable_progress_bar=False,
+        accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip, log_every_n_steps=5, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[TBHealthCallback(log_every=args.log_every, **monitoring)],
     )
     trainer.fit(module or DigitsModule(), DataLoader(train, batch_size=64, shuffle=True),

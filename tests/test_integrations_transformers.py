@@ -22,8 +22,6 @@ def hf_run(output_dir: Path) -> Path:
     return output_dir / "runs" / "tbhealth"
 
 
-@pytest.mark.xfail(strict=False, reason="Monitor gap (issue #12 point 3, after core9): no deferred acknowledgement, "
-                   "so 'checkpoint' is answered before the Trainer has written checkpoint-N (a race)")
 def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
     output, out = tmp_path / "hf", tmp_path / "hf.out"
     proc = start_app("hf", out, "--output-dir", str(output), "--epochs", "1000", "--logging-steps", "4",

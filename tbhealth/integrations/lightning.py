@@ -123,9 +123,20 @@ class TBHealthCallback(L.Callback):
     # ------------------------------------------------------------------ epochs and steps
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        # a resumed epoch continues at the position the checkpoint's monitor state holds
-        self.monitor.start_epoch(trainer.current_epoch + 1, self._per_epoch)
-        self._epoch_open = True
+        self._open_epoch(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if not (self._epoch_open or self.monitor.should_stop):  # resumed mid-epoch: no on_train_epoch_start
+            self._open_epoch(trainer)
+
+    def _open_epoch(self, trainer) -> None:
+        """Begin the epoch (a resumed one at the position its checkpoint's monitor state holds),
+        unless what arrived during validation stopped the run: then Lightning stops too."""
+        mon = self.monitor
+        mon.start_epoch(trainer.current_epoch + 1, self._per_epoch)
+        self._epoch_open = not mon.should_stop
+        if mon.should_stop:
+            trainer.should_stop = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """After backward and AMP unscaling, before clipping: the step's learning rate, on sampled
