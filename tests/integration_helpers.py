@@ -34,6 +34,13 @@ def start_app(framework: str, out: Path, *args: str) -> subprocess.Popen:
         return subprocess.Popen(app_cmd(framework, *args), cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
 
 
+def kill_if_alive(proc: subprocess.Popen) -> None:
+    """A training a failed test left running: ended, so the next test has the machine."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def wait_run(run: Path, states: tuple[str, ...], proc: subprocess.Popen | None = None, out: Path | None = None,
              timeout: float = 120) -> dict:
     """Wait for the run's status to reach one of ``states``; fail early (with the output) if the

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tbhealth.run.rundir import RunDir
-from tests.integration_helpers import (REPO, acks, import_error_without, only_run, run_app, scalars, start_app,
-                                       steer, stopped_by_divergence, wait_run)
+from tests.integration_helpers import (REPO, acks, import_error_without, kill_if_alive, only_run, run_app, scalars,
+                                       start_app, steer, stopped_by_divergence, wait_run)
 
 
 def lightning_run(logdir: Path, version: int = 0) -> Path:
@@ -48,12 +48,6 @@ def ended(proc: subprocess.Popen, out: Path) -> str:
     """What the training printed, once it exited 0."""
     assert proc.wait(120) == 0, out.read_text()
     return out.read_text()
-
-
-def kill_if_alive(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.mark.slow

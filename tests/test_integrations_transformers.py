@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tbhealth.run.rundir import RunDir
-from tests.integration_helpers import (acks, import_error_without, only_run, run_app, scalars, start_app, steer,
-                                       stopped_by_divergence, wait_run)
+from tests.integration_helpers import (acks, import_error_without, kill_if_alive, only_run, run_app, scalars, start_app,
+                                       steer, stopped_by_divergence, wait_run)
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +39,7 @@ def test_control_from_the_cli_and_a_resume_into_the_same_run(tmp_path):
         assert "stopping at epoch" in steer(run, "stop")
         assert proc.wait(120) == 0, out.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_if_alive(proc)
     status = RunDir(run).read_status()
     assert status["state"] == "stopped"
     assert status["interventions"] == {"pauses": 1, "resumes": 1, "checkpoints": 1, "stops": 1}

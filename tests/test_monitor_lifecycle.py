@@ -196,6 +196,14 @@ def test_checkpoint_folder_and_atomic_saves(tmp_path):
 # --------------------------------------------------------------------------- signals
 
 
+def signalled(mon: tbhealth.Monitor, signum: int) -> None:
+    """A signal arrives during an epoch's first step; the step boundary applies it."""
+    if not mon.progress.epoch:
+        mon.start_epoch(1, PER_EPOCH)
+    os.kill(os.getpid(), signum)
+    one_step(mon)
+
+
 def test_chained_sigterm_stops_and_calls_the_handler_found_before(tmp_path):
     calls = []
     theirs = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # e.g. Lightning's
@@ -203,9 +211,7 @@ def test_chained_sigterm_stops_and_calls_the_handler_found_before(tmp_path):
         mine = signal.getsignal(signal.SIGTERM)
         mon = monitor(tmp_path, "chain", total_epochs=1, handle_signals="chain")
         with mon:
-            mon.start_epoch(1, PER_EPOCH)
-            os.kill(os.getpid(), signal.SIGTERM)
-            one_step(mon)
+            signalled(mon, signal.SIGTERM)
             assert mon.should_stop and calls == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) is mine  # restored at close
         assert mon.run.read_status()["message"] == "received SIGTERM"
@@ -218,12 +224,9 @@ def test_chaining_keeps_first_ctrl_c_a_stop_and_the_second_an_abort(tmp_path):
     mon = monitor(tmp_path, "ctrl-c", total_epochs=1, handle_signals="chain")
     with pytest.raises(KeyboardInterrupt):
         with mon:
-            mon.start_epoch(1, PER_EPOCH)
-            os.kill(os.getpid(), signal.SIGINT)
-            one_step(mon)
+            signalled(mon, signal.SIGINT)
             assert mon.should_stop  # the first: a stop, not an interrupt
-            os.kill(os.getpid(), signal.SIGINT)
-            one_step(mon)
+            signalled(mon, signal.SIGINT)
     assert mon.run.read_status()["state"] == "stopped"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -231,9 +234,7 @@ def test_chaining_keeps_first_ctrl_c_a_stop_and_the_second_an_abort(tmp_path):
 def test_a_closed_terminal_stops_the_run_unless_hangups_are_ignored(tmp_path):
     mon = monitor(tmp_path, "hup", total_epochs=1, handle_signals=True)
     with mon:
-        mon.start_epoch(1, PER_EPOCH)
-        os.kill(os.getpid(), signal.SIGHUP)
-        one_step(mon)
+        signalled(mon, signal.SIGHUP)
         assert mon.should_stop
     assert mon.run.read_status()["message"] == "received SIGHUP (the terminal was closed)"
 

@@ -207,6 +207,8 @@ class TBHealthCallback(L.Callback):
         name = f"{kind}-step-{mon.global_step:06d}.ckpt"
         with mon.atomic_path(name) as tmp:
             trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero and not tmp.exists():  # an asynchronous CheckpointIO: not on disk yet
+                raise RuntimeError(f"trainer.save_checkpoint() returned before writing {tmp}")
         return mon.checkpoint_dir / name
 
     def state_dict(self) -> dict:

@@ -90,7 +90,8 @@ class TBHealthCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         """What ``trainer_state.json`` keeps: the constructor's arguments and the monitor's state."""
-        args = {"name": self.name, "health": plain(self.health), "log_every": self.log_every,
+        health = self.health.model_dump(mode="json") if hasattr(self.health, "model_dump") else plain(self.health)
+        args = {"name": self.name, "health": health, "log_every": self.log_every,
                 "verbose": self.verbose, "system_metrics": self.system_metrics}
         saved = self.monitor.state_dict() if self.monitor is not None else self._saved  # JSON-safe
         return {"args": args, "attributes": {"_saved": saved}}
