@@ -134,6 +134,8 @@ def test_a_run_planned_in_steps_has_progress_an_eta_and_ends_there(tmp_path):
     final = validate_status(mon.run.read_status())
     assert final["state"] == "completed" and final["global_step"] == 10
     assert final["epochs_done"] == 3  # 4 + 4 + 2 steps: epochs() stopped at total_steps
+    shown = CliRunner().invoke(app, ["status", str(mon.run_dir)])
+    assert shown.exit_code == 0 and "Step 10/10" in shown.stdout, shown.stdout
 
 
 def test_step_eta_and_progress_are_pure_functions_of_the_status():

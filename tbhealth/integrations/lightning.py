@@ -191,7 +191,7 @@ class TBHealthCallback(L.Callback):
             return  # a stopped epoch is not a finished one
         metrics = trainer.callback_metrics
         val = [metrics.get(key) for key in self.val_keys]
-        self.monitor.end_epoch(val_loss=val[0], val_acc=val[1])
+        self.monitor.end_epoch(val_loss=val[0], val_acc=val[1], lr=self._lr)  # the rate of the epoch's last step
 
     # ------------------------------------------------------------------ checkpoints and resume
 

@@ -83,6 +83,7 @@ class TBHealthCallback(TrainerCallback, ExportableState):
         self._save_wanted: tuple[Future, int] | None = None  # a "checkpoint now" and its step, until on_save
         self._output_dir = "."
         self._val: dict = {}
+        self._last_lr: float | None = None  # the rate the last optimizer step trained with
         self._epoch_done = False
         self._hook = None
 
@@ -167,7 +168,7 @@ class TBHealthCallback(TrainerCallback, ExportableState):
     def _end_epoch(self) -> None:
         self._epoch_done = False
         if not self.monitor.should_stop:  # a stopped epoch is not a finished one
-            self.monitor.end_epoch(**self._val)
+            self.monitor.end_epoch(**self._val, lr=self._last_lr)  # the rate of the epoch's last step
 
     # ------------------------------------------------------------------ steps
 
@@ -211,6 +212,7 @@ class TBHealthCallback(TrainerCallback, ExportableState):
             loss = torch.tensor(float("nan") if logged_loss is None else logged_loss)
         self._control = control
         mon = self.monitor
+        self._last_lr = step["lr"]
         mon.step(loss, n=max(step["n"], 1), correct=step["correct"], lr=step["lr"],
                  grad_norm=None if grad_norm is None else torch.tensor(float(grad_norm)))
         if mon.should_stop and control is not None:
