@@ -43,12 +43,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _finite(v: Any) -> bool:
-    return _number(v) and math.isfinite(v)
+    """A number that converts to a finite float (``10**400`` does not; a bool is not a number)."""
+    if isinstance(v, bool):
+        return False
+    return (isinstance(v, int) and abs(v) < 2**63) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _count(v: Any) -> str | None:
@@ -65,7 +64,7 @@ def _real(v: Any) -> str | None:
 
 def _value(v: Any) -> str | None:
     """A measured value: any number (a NaN loss is news), or NaN spelled as JSON output spells it."""
-    return None if _number(v) or v in ("NaN", "Infinity", "-Infinity") else "a number"
+    return None if _finite(v) or isinstance(v, float) or v in ("NaN", "Infinity", "-Infinity") else "a number"
 
 
 def _text(v: Any) -> str | None:

@@ -15,6 +15,7 @@ from tbhealth.run.files import CHUNK, MAX_LINE_BYTES, as_record, lines_in, open_
 
 _TAIL_BLOCK = 64 << 10
 _TAIL_MAX = 64 << 20  # most bytes a tail read goes back: a hostile giant last line costs no more
+_HEAD = 128  # bytes of a followed file's start remembered: more than its first request's id
 
 
 def read_tail(path: Path, max_records: int, start: int = 0,
@@ -89,15 +90,16 @@ class Follower:
     truncates it (``: > control.jsonl``) or replaces it (an editor, ``mv``).
 
     A plain byte offset would then point past the end, or into the middle of other lines, and
-    requests would vanish. Each read checks the file is the one read before (device and inode),
-    no shorter than the offset and that the offset still follows a newline; if not, it starts
-    over from 0 (the caller drops records it has already seen by their ids).
+    requests would vanish. Each read checks the file is the one read before (device and inode,
+    its first bytes), no shorter than the offset, and that the offset still follows a newline; if
+    not, it starts over from 0 (the caller drops records it has already seen by their ids).
     """
 
     def __init__(self, path: Path, root: str | os.PathLike | None = None):
         self.path, self.root = Path(path), root
         self.offset = 0
         self._file: tuple[int, int] | None = None
+        self._head = b""  # the file's first bytes when it was first read: a rewrite changes them
         self._seen: tuple | None = None
 
     def changed(self) -> bool:
@@ -119,14 +121,25 @@ class Follower:
             return []
         try:
             st = os.fstat(fd)
-            if ((st.st_dev, st.st_ino) != self._file or st.st_size < self.offset
-                    or (self.offset and os.pread(fd, 1, self.offset - 1) != b"\n")):
-                self.offset = 0
+            if (st.st_dev, st.st_ino) != self._file or not self._continues(fd, st.st_size):
+                self.offset, self._head = 0, b""
             self._file = (st.st_dev, st.st_ino)
             lines, self.offset = lines_in(fd, self.offset, st.st_size)
+            if self.offset and not self._head:
+                self._head = os.pread(fd, min(_HEAD, self.offset), 0)
         finally:
             os.close(fd)
         return [(at, as_record(raw)) for at, raw in lines]
+
+    def _continues(self, fd: int, size: int) -> bool:
+        """Whether the open file is the one read so far, grown: no shorter than the offset, the
+        offset right after a newline, the same first bytes (a truncated file rewritten past the
+        old offset fails one of these)."""
+        if not self.offset:
+            return True
+        if size < self.offset or os.pread(fd, 1, self.offset - 1) != b"\n":
+            return False
+        return os.pread(fd, len(self._head), 0) == self._head
 
 
 __all__ = ["read_tail", "Follower"]
