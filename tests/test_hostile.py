@@ -26,7 +26,6 @@ import pytest
 from tbhealth.monitor.control import ControlChannel
 from tbhealth.run.files import append_record, read_records
 from tbhealth.run.rundir import RunDir
-from tbhealth.run.tail import Follower
 from tests.plugin_helpers import (
     PREFIX, REPO, TRAIN_ENV, control_and_wait, end_live, finished_runs, make_app, start_live, tbhealth_exe,
     wait_for, wait_for_state,
@@ -64,6 +63,7 @@ BAD_ACK_LINES = ['{"v":1,"id":["x"],"status":"done"}', '{"v":1,"id":{"a":1},"sta
 
 
 def plant(path: Path, lines) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.writelines(line + "\n" for line in lines)
 
@@ -143,6 +143,8 @@ def test_a_repeated_request_id_is_handed_over_once(tmp_path):
 
 
 def test_a_follower_reads_on_after_truncation(tmp_path):
+    from tbhealth.run.tail import Follower
+
     path = tmp_path / "acks.jsonl"
     follower = Follower(path)
     for i in range(5):
