@@ -84,16 +84,21 @@ def train(
 
 def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool) -> int:
     """Build and run a Trainer; returns the exit code. Under torchrun, every worker runs this."""
-    from tbhealth.run.names import RunNameError, resolve_run, unique_run_dir
+    from tbhealth.run.names import RunNameError, check_new_run_name, resolve_run, unique_run_dir
     from tbhealth.run.rundir import RunDir
     from tbhealth.training.config import ConfigError
+    from tbhealth.training.preflight import check_device
 
     logdir = Path(logdir or cfg.logdir or "runs")
+    origin = "--name" if name else ("the config's name" if cfg.name else f"the run name from {config_path.name}")
     name = name or cfg.name or config_path.stem
     try:
-        resolve_run(logdir, name)
+        resolve_run(logdir, check_new_run_name(name))
+        check_device(cfg)
     except RunNameError as e:
-        fail(f"--name: {e}", code=ExitCode.USAGE)
+        fail(f"{origin}: {e}", code=ExitCode.USAGE, hint="Pass another name with --name NAME.")
+    except ConfigError as e:
+        fail(str(e), code=ExitCode.USAGE)
     from tbhealth.training.checkpoint import CheckpointManager
 
     if resume and CheckpointManager(RunDir(logdir / name)).latest() is None:
@@ -103,7 +108,10 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
 
     dist = distributed.init_from_env(cfg.device) if distributed.launched_by_torchrun() else None
     created = not resume and (dist is None or dist.is_main)
-    run_dir = unique_run_dir(logdir, name) if created else logdir / name
+    try:
+        run_dir = unique_run_dir(logdir, name) if created else logdir / name
+    except OSError as e:  # a file, /proc, a read-only disk
+        logdir_failure(logdir, e)
     if dist is not None:  # rank 0 picked the (unique) directory; everyone uses it
         run_dir = Path(dist.broadcast(str(run_dir)))
     from tbhealth.training.trainer import Trainer
@@ -149,6 +157,13 @@ def print_summary(trainer, state: str, logdir: Path) -> None:
                   markup=False, highlight=False, soft_wrap=True)
 
 
+def logdir_failure(logdir: Path, e: OSError) -> None:
+    """Exit 2 for a --logdir no run can live in (a file, under /proc, on a read-only disk)."""
+    why = "it is a file, not a folder" if os.path.isfile(logdir) else (e.strerror or str(e))
+    fail(f"cannot create a run folder under --logdir {os.fspath(logdir)!r}: {why}", code=ExitCode.USAGE,
+         hint="Pass a folder you can write to with --logdir (or set TBHEALTH_LOGDIR).")
+
+
 def _discard(run_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -158,7 +173,10 @@ def start_board(logdir: Path, port: int) -> subprocess.Popen:
     """TensorBoard beside the training, in its own session so the training's Ctrl-C stays ours."""
     from tbhealth_cli.board import board_args, board_url
 
-    logdir.mkdir(parents=True, exist_ok=True)
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logdir_failure(logdir, e)
     proc = subprocess.Popen(board_args(logdir, port), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     console.print(f"TensorBoard with the Health tab: {board_url(port)}", markup=False, soft_wrap=True)
