@@ -57,9 +57,9 @@ def check_resume(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
         problems.append(Problem("optimizer", f"has {len(optimizer.param_groups)} parameter group(s), the checkpoint "
                                              f"{len(groups)}"))
     if problems:
-        fix = Problem("", "Resume with the settings the run was started with (its config.yaml), or start a new run "
-                          "without --resume.")
-        raise ConfigError([*problems, fix], source="for --resume (it no longer fits the run's checkpoint)")
+        raise ConfigError(problems, source="for --resume: it no longer fits the run's checkpoint. Resume with the "
+                                           "settings the run was started with (its config.yaml), or start a new run "
+                                           "without --resume")
 
 
 def _model_problems(state: object, model: torch.nn.Module) -> list[Problem]:
