@@ -86,8 +86,10 @@ def _open_at(dir_fd: int, name: str, flags: int, rel: str, create: bool, folder:
                 raise StateFileError(f"{rel} is {_describe(mode)}, not {want}") from e
             os.unlink(name, dir_fd=dir_fd)
             continue
+        if folder:  # O_DIRECTORY: it is one
+            return fd
         mode = os.fstat(fd).st_mode
-        if folder or stat.S_ISREG(mode):
+        if stat.S_ISREG(mode):
             return fd
         os.close(fd)
         if not (create and _replaceable(mode)):
@@ -109,16 +111,25 @@ def _mkdir_at(dir_fd: int, name: str) -> None:
         pass
 
 
-def _split(path: Path, root: str | os.PathLike | None) -> tuple[Path, tuple[str, ...]]:
-    root = Path(root) if root is not None else path.parent
-    return root, path.relative_to(root).parts
+def _split(path: str | os.PathLike, root: str | os.PathLike | None) -> tuple[str, list[str]]:
+    """``root`` and the parts of ``path`` below it (string work: pathlib's costs more than the
+    reads it guards when the Health tab lists 500 runs)."""
+    path = os.fspath(path)
+    if root is None:
+        root, name = os.path.split(path)
+        return root or ".", [name]
+    root = os.fspath(root)
+    prefix = root.rstrip(os.sep) + os.sep
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not under {root}")
+    return root, [p for p in path[len(prefix):].split(os.sep) if p]
 
 
-def _open_folder(root: Path, parts: tuple[str, ...], create: bool) -> int:
+def _open_folder(root: str, parts: list[str], create: bool) -> int:
     """A descriptor of ``root/parts…``: ``root`` as the caller named it, every part below it
     opened without following a symlink."""
     if create:
-        root.mkdir(parents=True, exist_ok=True)
+        os.makedirs(root, exist_ok=True)
     try:
         fd = os.open(root, _DIR | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -140,7 +151,7 @@ def open_file(path: Path, flags: int = os.O_RDONLY, *, root: str | os.PathLike |
               create: bool = False) -> int:
     """A descriptor of the regular file ``path`` (below ``root``), opened without following any
     symlink below ``root``. FileNotFoundError when it is absent (and not ``create``)."""
-    root, parts = _split(Path(path), root)
+    root, parts = _split(path, root)
     folder = _open_folder(root, parts[:-1], create)
     try:
         return _open_at(folder, parts[-1], flags | (os.O_CREAT if create else 0), "/".join(parts), create, False)
@@ -158,7 +169,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
     ``durable``: also ``fsync`` the file and its folder, so the new content survives a power
     loss (checkpoints); status snapshots skip it, a newer one follows within a second.
     """
-    root_, parts = _split(Path(path), root)
+    root_, parts = _split(path, root)
     folder = _open_folder(root_, parts[:-1], create=True)
     name = parts[-1]
     tmp = f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
@@ -194,7 +205,7 @@ def write_text_atomic(path: Path, text: str, root: str | os.PathLike | None = No
 def load_json(path: Path, root: str | os.PathLike | None = None) -> Any:
     """The JSON document in ``path``. FileNotFoundError when absent; StateFileError (saying why)
     when it is there but not a regular file, unreadable, too large, too deep or not JSON."""
-    rel = Path(path).name
+    rel = os.path.basename(path)
     fd = open_file(path, root=root)
     try:
         size = os.fstat(fd).st_size
