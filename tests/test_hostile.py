@@ -12,7 +12,6 @@ Readers' side: tests/test_hostile_reads.py; bad input: tests/test_hostile_input.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat

@@ -67,6 +67,14 @@ def unwrap(text: str) -> str:
     return " ".join(text.split())
 
 
+def assert_usage_error(result: subprocess.CompletedProcess, fragments: list[str]) -> None:
+    """Exit 2, no traceback, and each fragment in what the user reads on stderr."""
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in out, out
+    for fragment in fragments:
+        assert fragment in unwrap(result.stderr), f"{fragment!r} missing from:\n{result.stderr}"
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     def run(case_id: str) -> tuple[Path, subprocess.CompletedProcess]:
@@ -83,11 +91,7 @@ def results(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProce
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_bad_input_exits_2_with_the_reason(results, case_id):
     cwd, result = results[case_id]
-    out = result.stdout + result.stderr
-    assert "Traceback" not in out, out
-    assert result.returncode == 2, out
-    for fragment in CASES[case_id][2]:
-        assert fragment in unwrap(result.stderr), f"{fragment!r} missing from:\n{result.stderr}"
+    assert_usage_error(result, CASES[case_id][2])
     runs = cwd / "runs"
     assert not runs.exists() or not any(runs.iterdir()), "bad input must not leave a run directory"
 
@@ -151,10 +155,7 @@ def resumed(finished_tiny, tmp_path_factory) -> dict[str, tuple[Path, subprocess
 @pytest.mark.parametrize("case_id", list(RESUME_CASES))
 def test_resume_with_a_config_that_no_longer_fits_exits_2_and_leaves_the_run_as_it_was(resumed, case_id):
     cwd, result = resumed[case_id]
-    out = result.stdout + result.stderr
-    assert result.returncode == 2 and "Traceback" not in out, out
-    for fragment in RESUME_CASES[case_id][1]:
-        assert fragment in unwrap(result.stderr), f"{fragment!r} missing from:\n{result.stderr}"
+    assert_usage_error(result, RESUME_CASES[case_id][1])
     rd = RunDir(cwd / "runs" / "tiny")
     status = rd.read_status()
     assert status["state"] == "completed" and status["total_epochs"] == 1, status

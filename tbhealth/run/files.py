@@ -12,11 +12,8 @@ acks, the resolved config and checkpoints), so the guarantees hold in one place:
 * files are created with the process umask (as any other file), so a teammate's TensorBoard
   can read them;
 * **no symlink is followed below ``root``** (the run directory, or the file's own folder when no
-  root is given): each folder and the file are opened relative to the one above with
-  ``O_NOFOLLOW``, so a link planted in a run cannot send a read or a write outside it. A writer
-  replaces a link, FIFO or other odd entry where its file or folder belongs (the link's target
-  is never touched); a reader reports it (:class:`StateFileError`). Reads never block: files are
-  opened ``O_NONBLOCK`` and anything but a regular file is refused, so a FIFO cannot hang a reader.
+  root is given), and only regular files are read, without blocking: every open goes through
+  :mod:`tbhealth.run.safeopen`; a file that must not be used raises :class:`StateFileError`.
 
 Nothing here imports torch: the TensorBoard plugin uses it.
 """
@@ -26,11 +23,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from tbhealth.run.safeopen import StateFileError, open_existing, open_file, open_folder, split_below
 
 FORMAT_VERSION = 1
 #: A temp file of an atomic write: ``.<target name>.<random>.tmp`` next to its target.
@@ -43,120 +41,6 @@ MAX_LINE_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 #: Bytes read at a time from a record file.
 CHUNK = 1 << 20
-_OPEN = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-_DIR = os.O_RDONLY | os.O_DIRECTORY
-
-
-class StateFileError(OSError):
-    """A run-state file (or a folder on its way) that exists but must not be used: a symlink, a
-    FIFO, a folder, unreadable, too large, not JSON. ``str()`` names the file and says why."""
-
-
-# --------------------------------------------------------------------------- opening without following links
-
-
-def _describe(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "a symbolic link (tbhealth never follows links inside a run)"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a device or other special file"
-
-
-def _open_at(dir_fd: int, name: str, flags: int, rel: str, create: bool, folder: bool) -> int:
-    """Open ``name`` in ``dir_fd`` without following it; a writer (``create``) replaces whatever
-    odd entry sits there, a reader gets a StateFileError saying what it found."""
-    want = "a folder" if folder else "a regular file"
-    for _ in range(3):  # a rival that keeps re-planting a link gets an error, not a loop
-        try:
-            fd = os.open(name, flags | _OPEN, 0o666, dir_fd=dir_fd)
-        except FileNotFoundError:
-            if not (create and folder):
-                raise
-            _mkdir_at(dir_fd, name)
-            continue
-        except OSError as e:
-            try:
-                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-            except OSError:
-                mode = None
-            if mode is None or (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
-                raise StateFileError(f"cannot open {rel}: {e.strerror}") from e
-            if not (create and _replaceable(mode)):
-                raise StateFileError(f"{rel} is {_describe(mode)}, not {want}") from e
-            os.unlink(name, dir_fd=dir_fd)
-            continue
-        if folder:  # O_DIRECTORY: it is one
-            return fd
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode):
-            return fd
-        os.close(fd)
-        if not (create and _replaceable(mode)):
-            raise StateFileError(f"{rel} is {_describe(mode)}, not {want}")
-        os.unlink(name, dir_fd=dir_fd)
-    raise StateFileError(f"{rel} keeps being replaced by something that is not {want}")
-
-
-def _replaceable(mode: int) -> bool:
-    """A writer may remove what sits where its file or folder belongs unless it holds data: a
-    link, a FIFO, a socket, a device node (never a regular file or a folder)."""
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
-def _mkdir_at(dir_fd: int, name: str) -> None:
-    try:
-        os.mkdir(name, 0o777, dir_fd=dir_fd)
-    except FileExistsError:
-        pass
-
-
-def _split(path: str | os.PathLike, root: str | os.PathLike | None) -> tuple[str, list[str]]:
-    """``root`` and the parts of ``path`` below it (string work: pathlib's costs more than the
-    reads it guards when the Health tab lists 500 runs)."""
-    path = os.fspath(path)
-    if root is None:
-        root, name = os.path.split(path)
-        return root or ".", [name]
-    root = os.fspath(root)
-    prefix = root.rstrip(os.sep) + os.sep
-    if not path.startswith(prefix):
-        raise ValueError(f"{path} is not under {root}")
-    return root, [p for p in path[len(prefix):].split(os.sep) if p]
-
-
-def _open_folder(root: str, parts: list[str], create: bool) -> int:
-    """A descriptor of ``root/parts…``: ``root`` as the caller named it, every part below it
-    opened without following a symlink."""
-    if create:
-        os.makedirs(root, exist_ok=True)
-    try:
-        fd = os.open(root, _DIR | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(f"no folder {root}") from None
-    except OSError as e:
-        raise StateFileError(f"cannot open the run folder: {e.strerror}") from e
-    try:
-        for i, part in enumerate(parts):
-            child = _open_at(fd, part, _DIR, "/".join(parts[: i + 1]), create, folder=True)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def open_file(path: Path, flags: int = os.O_RDONLY, *, root: str | os.PathLike | None = None,
-              create: bool = False) -> int:
-    """A descriptor of the regular file ``path`` (below ``root``), opened without following any
-    symlink below ``root``. FileNotFoundError when it is absent (and not ``create``)."""
-    root, parts = _split(path, root)
-    folder = _open_folder(root, parts[:-1], create)
-    try:
-        return _open_at(folder, parts[-1], flags | (os.O_CREAT if create else 0), "/".join(parts), create, False)
-    finally:
-        os.close(folder)
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -169,8 +53,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
     ``durable``: also ``fsync`` the file and its folder, so the new content survives a power
     loss (checkpoints); status snapshots skip it, a newer one follows within a second.
     """
-    root_, parts = _split(path, root)
-    folder = _open_folder(root_, parts[:-1], create=True)
+    root_, parts = split_below(path, root)
+    folder = open_folder(root_, parts[:-1], create=True)
     name = parts[-1]
     tmp = f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     try:
@@ -211,7 +95,7 @@ def load_json(path: Path, root: str | os.PathLike | None = None) -> Any:
         size = os.fstat(fd).st_size
         if size > MAX_SNAPSHOT_BYTES:
             raise StateFileError(f"{rel} is larger than {MAX_SNAPSHOT_BYTES >> 20} MiB")
-        raw = _read_range(fd, 0, size)
+        raw = b"".join(chunks(fd, 0, size))
     finally:
         os.close(fd)
     doc = parse_json(raw)
@@ -297,12 +181,8 @@ def lines_in(fd: int, start: int, end: int) -> tuple[list[tuple[int, bytes | Non
     MAX_LINE_BYTES: its bytes are skipped, not held), and the offset after the last one. Read
     in chunks; a trailing line without its newline is left for later (its writer may be busy)."""
     out: list[tuple[int, bytes | None]] = []
-    line_at, pending, dropped, pos = start, b"", 0, start
-    while pos < end:
-        chunk = os.pread(fd, min(CHUNK, end - pos), pos)
-        if not chunk:
-            break
-        pos += len(chunk)
+    line_at, pending, dropped = start, b"", 0
+    for chunk in chunks(fd, start, end):
         pieces = chunk.split(b"\n")
         for piece in pieces[:-1]:
             raw = pending + piece
@@ -331,9 +211,8 @@ def read_records(path: Path, offset: int = 0, root: str | os.PathLike | None = N
 def read_lines(path: Path, offset: int = 0, root: str | os.PathLike | None = None) -> tuple[list[tuple[int, dict]], int]:
     """Like :func:`read_records`, each record with the byte offset of its line."""
     offset = max(0, offset)
-    try:
-        fd = open_file(path, root=root)
-    except FileNotFoundError:
+    fd = open_existing(path, root)
+    if fd is None:
         return [], offset
     try:
         lines, end = lines_in(fd, offset, os.fstat(fd).st_size)
@@ -385,15 +264,15 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def _read_range(fd: int, start: int, size: int) -> bytes:
-    parts, pos = [], start
-    while pos < size:
-        chunk = os.pread(fd, min(CHUNK, size - pos), pos)
+def chunks(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """``[start, end)`` of ``fd`` in consecutive reads of at most CHUNK bytes (fewer at EOF)."""
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(CHUNK, end - pos), pos)
         if not chunk:
-            break
-        parts.append(chunk)
+            return
+        yield chunk
         pos += len(chunk)
-    return b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -406,6 +285,6 @@ def _write_all(fd: int, data: bytes) -> None:
 __all__ = [
     "FORMAT_VERSION", "TEMP_SUFFIX", "MAX_SNAPSHOT_BYTES", "MAX_LINE_BYTES", "MAX_JSON_DEPTH", "StateFileError",
     "open_file", "atomic_write", "write_json_atomic", "write_text_atomic", "load_json", "read_json", "parse_json",
-    "append_record", "read_records", "read_lines", "lines_in", "as_record", "CHUNK", "file_size", "unlink_quietly",
-    "json_default",
+    "append_record", "read_records", "read_lines", "lines_in", "as_record", "CHUNK", "chunks", "open_existing",
+    "file_size", "unlink_quietly", "json_default",
 ]

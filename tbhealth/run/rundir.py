@@ -34,9 +34,9 @@ from typing import Any
 
 from tbhealth.run.checks import ControlRequest, alert_problem, parse_request, status_problem
 from tbhealth.run.files import (
-    FORMAT_VERSION, append_record, file_size, load_json, open_file, read_json, read_lines, read_records,
-    write_json_atomic,
+    FORMAT_VERSION, append_record, file_size, load_json, read_json, read_lines, read_records, write_json_atomic,
 )
+from tbhealth.run.safeopen import open_file
 from tbhealth.run.states import COMMANDS, effective_state
 from tbhealth.run.tail import Follower, read_tail
 

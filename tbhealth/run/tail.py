@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tbhealth.run.files import CHUNK, MAX_LINE_BYTES, as_record, lines_in, open_file
+from tbhealth.run.files import MAX_LINE_BYTES, as_record, chunks, lines_in
+from tbhealth.run.safeopen import open_existing, open_file
 
 _TAIL_BLOCK = 64 << 10
 _TAIL_MAX = 64 << 20  # most bytes a tail read goes back: a hostile giant last line costs no more
@@ -27,9 +28,8 @@ def read_tail(path: Path, max_records: int, start: int = 0,
     parse of 40 MB; the lines left out are only counted (``bytes.count`` over 1 MiB reads).
     """
     start = max(0, start)
-    try:
-        fd = open_file(path, root=root)
-    except FileNotFoundError:
+    fd = open_existing(path, root)
+    if fd is None:
         return [], start, 0
     try:
         size = os.fstat(fd).st_size
@@ -75,14 +75,7 @@ def _last_line_end(fd: int, start: int, size: int) -> int:
 
 
 def _count_newlines(fd: int, start: int, end: int) -> int:
-    count, pos = 0, start
-    while pos < end:
-        chunk = os.pread(fd, min(CHUNK, end - pos), pos)
-        if not chunk:
-            break
-        count += chunk.count(b"\n")
-        pos += len(chunk)
-    return count
+    return sum(chunk.count(b"\n") for chunk in chunks(fd, start, end))
 
 
 class Follower:
