@@ -41,7 +41,10 @@ def send(command: str, rd: RunDir, *, wait: bool, timeout: float) -> int:
     if not is_live(state):
         why = NOT_LIVE_HINTS.get(state, "it has no heartbeat yet")
         fail(f"run {rd.path} is {state}: {command} not sent ({why}).", code=ExitCode.NOT_LIVE)
-    rid = rd.request_control(command, source="cli")
+    try:
+        rid = rd.request_control(command, source="cli")
+    except OSError as e:  # a folder where control.jsonl belongs, a full disk
+        fail(f"cannot queue {command} for {rd.path}: {e}", code=ExitCode.FAILED)
     if not wait:
         console.print(f"{command} request {rid} sent to {rd.path}", markup=False, soft_wrap=True)
         return ExitCode.OK
