@@ -340,3 +340,12 @@ def test_a_checkpoint_swapped_for_a_symlink_while_downloading_is_never_served(tm
         swapper.kill()
         swapper.wait(10)
     assert served > 0, "the real checkpoint was never served: the race did not run"
+
+
+def test_a_regular_file_where_a_state_folder_belongs_is_reported_not_removed(tmp_path):
+    rd = RunDir(tmp_path)
+    (tmp_path / "plugins").write_text("someone's notes")
+    with pytest.raises(OSError, match="plugins is a regular file, not a folder"):
+        rd.append_log("INFO", "x")
+    assert (tmp_path / "plugins").read_text() == "someone's notes"
+    assert rd.read_status_checked() == (None, "plugins is a regular file, not a folder")

@@ -51,6 +51,8 @@ CASES: dict[str, tuple[str | None, list[str], list[str]]] = {
 if not torch.cuda.is_available():
     CASES["device-cuda"] = (None, ["--set", "device=cuda"], ["device", "CUDA is not available"])
     CASES["device-cuda-1"] = (None, ["--set", "device=cuda:1"], ["device", "CUDA is not available"])
+else:
+    CASES["device-cuda-99"] = (None, ["--set", "device=cuda:99"], ["device", "GPU(s): cuda:0 to"])
 
 
 def train(cwd: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

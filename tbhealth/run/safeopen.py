@@ -27,7 +27,8 @@ class StateFileError(OSError):
 
 def _describe(mode: int) -> str:
     for test, name in ((stat.S_ISLNK, "a symbolic link (tbhealth never follows links inside a run)"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket")):
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISREG, "a regular file")):
         if test(mode):
             return name
     return "a device or other special file"
