@@ -58,7 +58,11 @@ def train(
                                 nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint))
     from tbhealth_cli.board import BoardBeside
 
-    tensorboard = BoardBeside(Path(logdir or cfg.logdir or "runs"), port) if board else None
+    board_logdir = Path(logdir or cfg.logdir or "runs")
+    try:
+        tensorboard = BoardBeside(board_logdir, port) if board else None
+    except OSError as e:
+        logdir_failure(board_logdir, e)
     try:
         code = run_training(cfg, config, logdir, name, resume, quiet)
     except BaseException:
@@ -81,17 +85,22 @@ def train(
 
 def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool) -> int:
     """Build and run a Trainer; returns the exit code. Under torchrun, every worker runs this."""
-    from tbhealth.run.names import RunNameError, resolve_run, unique_run_dir
+    from tbhealth.run.names import RunNameError, check_new_run_name, resolve_run, unique_run_dir
     from tbhealth.run.rundir import RunDir
     from tbhealth.training.checkpoint import CheckpointFormatError
     from tbhealth.training.config import ConfigError
+    from tbhealth.training.preflight import check_device
 
     logdir = Path(logdir or cfg.logdir or "runs")
+    origin = "--name" if name else ("the config's name" if cfg.name else f"the run name from {config_path.name}")
     name = name or cfg.name or config_path.stem
     try:
-        resolve_run(logdir, name)
+        resolve_run(logdir, check_new_run_name(name))
+        check_device(cfg)
     except RunNameError as e:
-        fail(f"--name: {e}", code=ExitCode.USAGE)
+        fail(f"{origin}: {e}", code=ExitCode.USAGE, hint="Pass another name with --name NAME.")
+    except ConfigError as e:
+        fail(str(e), code=ExitCode.USAGE)
     from tbhealth.training.checkpoint import CheckpointManager
 
     if resume and CheckpointManager(RunDir(logdir / name)).latest() is None:
@@ -101,7 +110,10 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
 
     dist = distributed.init_from_env(cfg.device) if distributed.launched_by_torchrun() else None
     created = not resume and (dist is None or dist.is_main)
-    run_dir = unique_run_dir(logdir, name) if created else logdir / name
+    try:
+        run_dir = unique_run_dir(logdir, name) if created else logdir / name
+    except OSError as e:  # a file, /proc, a read-only disk
+        logdir_failure(logdir, e)
     if dist is not None:  # rank 0 picked the (unique) directory; everyone uses it
         run_dir = Path(dist.broadcast(str(run_dir)))
     from tbhealth.training.trainer import Trainer
@@ -145,6 +157,13 @@ def print_summary(trainer, state: str, logdir: Path) -> None:
     console.print(f"Run directory: {trainer.run.path}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"Open the Health tab:  tbhealth board {logdir}    (or: tensorboard --logdir {logdir})",
                   markup=False, highlight=False, soft_wrap=True)
+
+
+def logdir_failure(logdir: Path, e: OSError) -> None:
+    """Exit 2 for a --logdir no run can live in (a file, under /proc, on a read-only disk)."""
+    why = "it is a file, not a folder" if os.path.isfile(logdir) else (e.strerror or str(e))
+    fail(f"cannot create a run folder under --logdir {os.fspath(logdir)!r}: {why}", code=ExitCode.USAGE,
+         hint="Pass a folder you can write to with --logdir (or set TBHEALTH_LOGDIR).")
 
 
 def _discard(run_dir: Path, created: bool) -> None:

@@ -218,12 +218,11 @@ class HealthPlugin(base_plugin.TBPlugin):
     @_handler()
     def _serve_checkpoint(self, request):
         _require_get(request)
-        path = api.checkpoint_impl(self._logdir, request.args.get("run"), request.args.get("name"))
-        f = open(path, "rb")
-        size = path.stat().st_size
+        name = request.args.get("name")
+        f, size = api.checkpoint_impl(self._logdir, request.args.get("run"), name)
         headers = [
             ("Content-Length", str(size)),
-            ("Content-Disposition", f'attachment; filename="{path.name}"'),
+            ("Content-Disposition", f'attachment; filename="{name}"'),
             ("X-Content-Type-Options", "nosniff"),
             ("Cache-Control", "no-store"),
         ]
@@ -246,7 +245,7 @@ class HealthPlugin(base_plugin.TBPlugin):
             raise api.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise api.ApiError(400, 'body is not valid JSON; send {"run": "...", "command": "..."}') from None
         return self._json(request, api.control_impl(self._logdir, body, self._read_only))
 

@@ -273,6 +273,7 @@ class Trainer:
         return ckpt.load(path, map_location="cpu")  # load_state_dict moves tensors to the model's device
 
     def _restore(self, state: dict) -> None:
+        ckpt.check_resume(state, self.model, self.optimizer, self.cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
