@@ -107,11 +107,11 @@ def _state(v: Any) -> str | None:
 
 _STATUS_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "state": _state,
-    **dict.fromkeys(("epoch", "total_epochs", "epochs_done", "batch", "batches_per_epoch", "global_step",
-                     "alerts_active", "world_size", "pid"), _count),
+    **dict.fromkeys(("epoch", "total_epochs", "total_steps", "epochs_done", "batch", "batches_per_epoch",
+                     "global_step", "alerts_active", "world_size", "pid"), _count),
     **dict.fromkeys(("started_at", "updated_at", "last_step_at"), _time),
     **dict.fromkeys(("elapsed_s", "eta_s", "health_score"), _real),
-    **dict.fromkeys(("run", "message", "device", "host", "last_checkpoint", "run_dir"), _text),
+    **dict.fromkeys(("run", "message", "device", "host", "last_checkpoint", "run_dir", "resume_hint"), _text),
     "metrics": _mapping_of(_metric, 'metrics {"value": ..., "delta": ...}'),
     "system": _system,
     "interventions": _mapping_of(_count, "counts"),
