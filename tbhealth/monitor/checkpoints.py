@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Union
 import torch
 
 from tbhealth.monitor.progress import Progress
-from tbhealth.run.files import TEMP_SUFFIX, atomic_write, fsync_dir, unlink_quietly
+from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
 
 #: What a checkpoint function returns: the file written, or a future of it (a write in flight).
 Written = Union[Path, "Future[Path]"]
@@ -72,11 +72,12 @@ def takes_state(fn: Callable | None) -> bool:
     return len(positional) >= 2 or any(q.kind == q.VAR_POSITIONAL for q in params)
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+def save_atomic(obj: Any, path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """``torch.save(obj)`` into a temp file next to ``path``, ``fsync``, rename over ``path``: a
-    reader (or a resume after a crash) finds the old file or the new one, never half of one."""
+    reader (or a resume after a crash) finds the old file or the new one, never half of one. No
+    symlink below ``root`` (the run directory) is followed."""
     path = Path(path)
-    atomic_write(path, lambda f: torch.save(obj, f), durable=True)
+    atomic_write(path, lambda f: torch.save(obj, f), durable=True, root=root)
     return path
 
 
@@ -98,9 +99,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            fsync_dir(path.parent)
+            _fsync_folder(path.parent)
     finally:
         unlink_quietly(tmp)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable, where the platform can ``fsync`` a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def plain(value: Any) -> Any:

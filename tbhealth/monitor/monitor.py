@@ -315,8 +315,9 @@ class Monitor:
 
     def save_atomic(self, obj: Any, name: str | os.PathLike) -> Path:
         """``torch.save(obj)`` as ``name`` in :attr:`checkpoint_dir` (or at ``name`` if absolute)
-        through a temp file, ``fsync`` and a rename: never a half-written checkpoint."""
-        return save_atomic(obj, self.checkpoint_dir / name)
+        through a temp file, ``fsync`` and a rename: never a half-written checkpoint; no symlink
+        inside the run folder is followed."""
+        return save_atomic(obj, self.checkpoint_dir / name, root=None if Path(name).is_absolute() else self.run_dir)
 
     def atomic_path(self, name: str | os.PathLike):
         """``with mon.atomic_path("x.ckpt") as tmp: writer(tmp)``: for writers that take a file name
