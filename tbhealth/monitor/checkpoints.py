@@ -106,16 +106,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def _fsync_folder(folder: Path) -> None:
     """Make the rename durable, where the platform can ``fsync`` a folder."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def plain(value: Any) -> Any:
