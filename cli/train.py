@@ -57,10 +57,12 @@ def train(
         raise typer.Exit(launch(config, overrides, logdir, name, resume, quiet, nproc_per_node=nproc_per_node,
                                 nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint))
     from tbhealth_cli.board import BoardBeside
+    from tbhealth_cli.lifecycle import Lifecycle
 
     tensorboard = BoardBeside(Path(logdir or cfg.logdir or "runs"), port) if board else None
     try:
-        code = run_training(cfg, config, logdir, name, resume, quiet)
+        with Lifecycle(keep_sigterm=tensorboard is None) as life:  # --board: SIGTERM ends the board after the run
+            code = run_training(cfg, config, logdir, name, resume, quiet, life)
     except BaseException:
         if tensorboard is not None:
             tensorboard.stop()
@@ -79,12 +81,20 @@ def train(
     raise typer.Exit(int(code))
 
 
-def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool) -> int:
-    """Build and run a Trainer; returns the exit code. Under torchrun, every worker runs this."""
+def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, resume: bool, quiet: bool,
+                 life=None) -> int:
+    """Build and run a Trainer; returns the exit code. Under torchrun, every worker runs this.
+
+    ``life`` (a :class:`~tbhealth_cli.lifecycle.Lifecycle`) is told when set-up ends and training
+    ends; a signal during set-up leaves no new run folder behind and exits 128 + its number."""
     from tbhealth.run.names import RunNameError, resolve_run, unique_run_dir
     from tbhealth.run.rundir import RunDir
+    from tbhealth.run.states import State
     from tbhealth.training.checkpoint import CheckpointFormatError
     from tbhealth.training.config import ConfigError
+    from tbhealth_cli.lifecycle import Lifecycle, SetupInterrupted
+
+    life = life or Lifecycle()
 
     logdir = Path(logdir or cfg.logdir or "runs")
     name = name or cfg.name or config_path.stem
@@ -99,15 +109,22 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
              hint="Start it without --resume, or name an existing run with --name.")
     from tbhealth import distributed
 
-    dist = distributed.init_from_env(cfg.device) if distributed.launched_by_torchrun() else None
-    created = not resume and (dist is None or dist.is_main)
-    run_dir = unique_run_dir(logdir, name) if created else logdir / name
-    if dist is not None:  # rank 0 picked the (unique) directory; everyone uses it
-        run_dir = Path(dist.broadcast(str(run_dir)))
-    from tbhealth.training.trainer import Trainer
-
+    run_dir, created = None, False
     try:
+        dist = distributed.init_from_env(cfg.device) if distributed.launched_by_torchrun() else None
+        created = not resume and (dist is None or dist.is_main)
+        run_dir = unique_run_dir(logdir, name) if created else logdir / name
+        if dist is not None:  # rank 0 picked the (unique) directory; everyone uses it
+            run_dir = Path(dist.broadcast(str(run_dir)))
+        from tbhealth.training.trainer import Trainer
+
         trainer = Trainer(cfg, run_dir, resume=resume, verbose=not quiet, dist=dist)
+        life.training(trainer.monitor)
+    except SetupInterrupted as e:
+        if run_dir is not None:
+            _discard(run_dir, created)
+        err_console.print(f"[red]Interrupted[/] during set-up ({e}); no run was started.")
+        return e.exit_code
     except (ConfigError, CheckpointFormatError) as e:
         _discard(run_dir, created)
         fail(str(e), code=ExitCode.USAGE)
@@ -118,6 +135,7 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
     try:
         state = trainer.fit()
         clean = True
+        life.ended()
     except KeyboardInterrupt:
         err_console.print("[red]Aborted[/] by a second interrupt; no checkpoint written for the current step.")
         return ExitCode.ABORTED
@@ -128,6 +146,9 @@ def run_training(cfg, config_path: Path, logdir: Path | None, name: str | None, 
     finally:
         if dist is not None:
             distributed.shutdown(dist, clean=clean)
+    if state == State.FAILED.value:  # the loop ended without an exception: a full disk stopped it
+        fail(f"training failed: {trainer.monitor.progress.message}", code=ExitCode.FAILED,
+             hint=f"The run's state is 'failed'; its last checkpoint is in {trainer.run.checkpoint_dir}.")
     if trainer.rank == 0 and not quiet:
         print_summary(trainer, state, logdir)
     return ExitCode.OK

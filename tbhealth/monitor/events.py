@@ -36,7 +36,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
 from tensorboard.plugins.text import metadata as text_metadata
 
-__all__ = ["EventWriter", "masked_crc32c"]
+__all__ = ["EventWriter", "Mark", "masked_crc32c"]
 
 _log = logging.getLogger(__name__)
 _file_counter = itertools.count()  # makes file names unique within a process, as TF does
@@ -137,6 +137,15 @@ def _layout_event(step: int, wall_time: float, layout: dict) -> bytes:
     return _string_tensor_event(step, wall_time, tag, metadata, proto.SerializeToString())
 
 
+class Mark(threading.Event):
+    """A position in an :class:`EventWriter`'s queue (see :meth:`EventWriter.mark`): ``offset``
+    is the length of ``path`` up to the records queued before it, or None if unknown."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.offset = path, None
+
+
 class EventWriter:
     """Writes scalars, text and a custom-scalars layout to one TensorBoard event file."""
 
@@ -210,6 +219,20 @@ class EventWriter:
         return self._dropped
 
     # --- control -------------------------------------------------------------------------
+
+    def mark(self) -> Mark:
+        """A place in the queue, without waiting: the :class:`Mark` is set once every record
+        queued before it is in the file and fsynced, and then says where in the file they end.
+        A checkpoint takes one on the training thread and waits for it on its writer thread, so
+        the events it covers are on disk before it counts (and a resume knows where they end)."""
+        mark = Mark(self.path)
+        if self._closed:
+            mark.set()  # nothing more will be written; no position to give
+        else:
+            self._queue.append(mark)
+            self._wake.set()
+        return mark
+
     def flush(self, timeout: float = 5.0) -> None:
         """Block until everything queued before this call is written (or ``timeout`` passes)."""
         if self._closed:
@@ -256,6 +279,10 @@ class EventWriter:
         for _ in range(len(self._queue)):  # a snapshot: producers may keep appending
             item = self._queue.popleft()
             if isinstance(item, threading.Event):
+                if isinstance(item, Mark):  # records after it must not count as before it
+                    self._write(chunk)
+                    chunk, size = [], 0
+                    item.offset = self._sync()
                 done.append(item)
                 continue
             try:
@@ -280,6 +307,15 @@ class EventWriter:
             self._file.flush()
         except (OSError, ValueError) as exc:
             self._report(f"could not write {len(records)} records to {self.path} ({exc!r})")
+
+    def _sync(self) -> int | None:
+        """Everything written so far reaches the disk; returns the file's length, None on failure."""
+        try:
+            os.fsync(self._file.fileno())
+            return self._file.tell()
+        except (OSError, ValueError) as exc:
+            self._report(f"could not sync {self.path} ({exc!r})")
+            return None
 
     def _report(self, message: str) -> None:
         if not self._error_reported:

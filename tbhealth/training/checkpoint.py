@@ -16,17 +16,21 @@ failing later on a missing key.
 
 from __future__ import annotations
 
+import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tbhealth.run.files import atomic_write
+from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
 from tbhealth.run.rundir import RunDir
 
 RESUMABLE_PREFIXES = ("last", "epoch-", "manual-")
+#: The temp file of an atomic write (tbhealth.run.files): ``.<target name>.<8 hex digits>.tmp``.
+_TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
 #: The layout of the dict the trainer saves; raise it when a key changes meaning or goes away.
 FORMAT_VERSION = 1
 
@@ -53,6 +57,23 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
             f"{path}: checkpoint has {what}; this tbhealth reads format {FORMAT_VERSION}. "
             "Resume it with the tbhealth version that wrote it, or start the run again without --resume.")
     return state
+
+
+def remove_stale_temps(*folders: Path) -> list[str]:
+    """Delete the temp files of atomic writes that a killed process left in ``folders`` (a
+    ``kill -9`` during ``torch.save`` leaves one the size of a checkpoint); their names. Call it
+    only when nothing else writes there: at a resume, before training."""
+    removed = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if _TEMP_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                unlink_quietly(entry.path)
+                removed.append(entry.name)
+    return removed
 
 
 def rng_state() -> dict:
@@ -95,10 +116,11 @@ class CheckpointManager:
         """Write ``state`` as ``kind`` (last, epoch, best, manual) and rotate epoch files."""
         path = save_atomic(state, self.path_for(kind, epoch=epoch, step=step))
         if kind == "epoch":
-            self._rotate()
+            self.rotate()
         return path
 
-    def _rotate(self) -> None:
+    def rotate(self) -> None:
+        """Keep the newest ``keep_last`` periodic (``epoch-N``) checkpoints; delete the older ones."""
         epochs = sorted(self.dir.glob("epoch-*.pt"))
         for old in epochs[: max(0, len(epochs) - self.keep_last)]:
             old.unlink(missing_ok=True)
