@@ -31,9 +31,9 @@ def train_cmd(logdir: Path, name: str, *overrides: str, resume: bool = False) ->
     return cmd + (["--resume"] if resume else [])
 
 
-def launch(logdir: Path, name: str, *overrides: str, resume: bool = False) -> subprocess.Popen:
-    """``tbhealth train`` in the background; its output goes to ``<logdir>/<name>.<pid>.out``."""
-    out = open(logdir / f"{name}.{time.monotonic_ns()}.out", "w+")  # noqa: SIM115 - closed by finish()
+def launch(logdir: Path, name: str, *overrides: str, resume: bool = False, out_dir: Path | None = None) -> subprocess.Popen:
+    """``tbhealth train`` in the background; its output goes to a file in ``out_dir`` (default: logdir)."""
+    out = open((out_dir or logdir) / f"{name}.{time.monotonic_ns()}.out", "w+")  # noqa: SIM115 - closed by finish()
     proc = subprocess.Popen(train_cmd(logdir, name, *overrides, resume=resume), cwd=REPO, stdout=out,
                             stderr=subprocess.STDOUT, text=True, env=ENV)
     proc.output_file = out
@@ -52,6 +52,11 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     text = proc.output_file.read()
     proc.output_file.close()
     return code, text
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What ``proc`` printed so far."""
+    return Path(proc.output_file.name).read_text()
 
 
 def kill(proc: subprocess.Popen) -> None:

@@ -207,7 +207,7 @@ class RunSink(Sink):
     def close(self, step: int, state: str) -> None:
         if self._writer is not None:
             self._writer.text(step, "run/state", f"Run finished: **{state}**")
-            self._writer.close()
+            self.writes.attempt("TensorBoard events", self._writer.close)  # its last flush may find the disk full
 
     def events_mark(self) -> Mark | None:
         return self._writer.mark() if self._writer is not None else None
