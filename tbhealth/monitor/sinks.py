@@ -75,12 +75,15 @@ class StateWrites:
         self._lost: dict[str, int] = {}  # per kind of record: failures since it last worked
         self._lock = threading.Lock()  # the training thread, the heartbeat and the watchdog write
 
-    def attempt(self, what: str, write: Callable[[], None]) -> bool:
-        """``write()``; an OSError is reported (see the class doc) instead of raised. True if it worked."""
+    def attempt(self, what: str, write: Callable[[], None], *, reraise: bool = False) -> bool:
+        """``write()``; an OSError is reported (see the class doc) and, unless ``reraise``, not
+        raised. True if it worked."""
         try:
             write()
         except OSError as e:
             self._failed(what, e)
+            if reraise:
+                raise
             return False
         if what in self._lost:
             with self._lock:
@@ -195,14 +198,19 @@ class RunSink(Sink):
         self.writes.attempt("alerts", lambda: self._run.append_alert(record))
 
     def status(self, doc: dict) -> None:
+        """Raises what the write raises: the heartbeat logs it and retries (:mod:`periodic`)."""
         final = doc["state"] in FINAL_STATES
         with self._status_lock:
             if self._final_written:  # a late heartbeat must not turn "completed" back into "training"
                 return
-            written = self.writes.attempt("status", lambda: self._run.write_status(doc))
-            if not written and final and self.writes.disk_full:  # the last word must be true: squeeze it in
-                written = self.writes.attempt("status", lambda: overwrite_status(self._run.status_path, doc))
-            self._final_written = written and final
+            try:
+                self.writes.attempt("status", lambda: self._run.write_status(doc), reraise=True)
+            except OSError:
+                if not (final and self.writes.disk_full):
+                    raise
+                # the last word must be true: squeeze it into the old status's own blocks
+                self.writes.attempt("status", lambda: overwrite_status(self._run.status_path, doc), reraise=True)
+            self._final_written = final
 
     def close(self, step: int, state: str) -> None:
         if self._writer is not None:
