@@ -2,7 +2,9 @@
 
 A checkpoint is written to a temp file in the same folder and renamed over the target, so a
 crash or a kill during ``torch.save`` never leaves a truncated ``last.pt``: resuming always finds
-either the old file or the new one.
+either the old file or the new one. The trainer writes them off its training thread
+(:mod:`tbhealth.training.checkpoint_writer`); a kill during a write leaves only a temp file, which
+:func:`remove_stale_temps` deletes at the next resume.
 
 Names inside ``<run>/checkpoints/``:
 ``last.pt`` (end of every epoch and on stop), ``epoch-0005.pt`` (every ``every_epochs``, newest

@@ -82,6 +82,8 @@ class HostStaging:
                 out._metadata = copy.deepcopy(obj._metadata)
             return out
         if type(obj) in (list, tuple):
+            if all(isinstance(v, _ATOMS) for v in obj):  # e.g. Python's RNG state: 625 ints
+                return obj if type(obj) is tuple else list(obj)
             return type(obj)(self._walk(v, (*key, i), used, devices) for i, v in enumerate(obj))
         return copy.deepcopy(obj)  # plain values; the live objects keep changing after this call
 
@@ -174,6 +176,7 @@ class CheckpointWriter:
             self.wait()
         if self._thread is not None:
             self._queue.put(None)
+            self._thread = None
         self._staging.release()
         self._last = None
 
