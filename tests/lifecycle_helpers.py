@@ -6,14 +6,14 @@ way a user, a terminal or the kernel stops it, and read back through the run's o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import time
 from pathlib import Path
-
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typing import Iterator
 
 from tbhealth.run.rundir import RunDir
 from tests.plugin_helpers import DIGITS, REPO, TRAIN_ENV, tbhealth_exe, wait_for
@@ -65,6 +65,16 @@ def kill(proc: subprocess.Popen) -> None:
     finish(proc, 30)
 
 
+@contextlib.contextmanager
+def killed_if_left(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``proc`` for the block; killed at its end if the test left it running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+
+
 def has_checkpoint(run: Path) -> bool:
     return (run / "checkpoints" / "last.pt").is_file()
 
@@ -78,12 +88,6 @@ def kill_at_random(proc: subprocess.Popen, run: Path, rng: random.Random, *, wit
 
 def status(run: Path) -> dict:
     return RunDir(run).read_status() or {}
-
-
-def scalars(run: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def temp_files(folder: Path) -> list[str]:

@@ -17,13 +17,9 @@ import pytest
 from tbhealth.run.files import read_records
 from tbhealth.run.rundir import RunDir
 from tbhealth.training import checkpoint as ckpt
-from tests.lifecycle_helpers import (
-    KILLABLE, finish, kill, kill_at_random, launch, scalars, status, temp_files,
-)
+from tests.lifecycle_helpers import KILLABLE, finish, kill, kill_at_random, launch, status, temp_files
 from tests.plugin_helpers import train, wait_for
-
-EPOCH_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc", "lr")
-
+from tests.test_train import EPOCH_TAGS, scalars
 
 def wait_training(proc, run: Path) -> None:
     """Until this process (not a killed predecessor) reports ``training``, or it has exited."""

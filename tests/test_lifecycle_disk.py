@@ -17,7 +17,7 @@ import pytest
 
 from tbhealth.run.rundir import RunDir
 from tbhealth.training import checkpoint as ckpt
-from tests.lifecycle_helpers import KILLABLE, finish, kill, launch, output, status
+from tests.lifecycle_helpers import KILLABLE, finish, killed_if_left, launch, output, status
 from tests.plugin_helpers import control_and_wait, wait_for
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,7 @@ def test_state_files_turned_into_folders_do_not_stop_training(tmp_path):
     are still answered at later steps), stderr says so once per file, and once they are files
     again the run's log and status resume; a stop then ends it as usual."""
     run, rd = tmp_path / "u", RunDir(tmp_path / "u")
-    proc = launch(tmp_path, "u", *KILLABLE, "epochs=100000")
-    try:
+    with killed_if_left(launch(tmp_path, "u", *KILLABLE, "epochs=100000")) as proc:
         wait_for(lambda: status(run).get("state") == "training" or proc.poll() is not None, 240, "training")
         for path in (rd.log_path, rd.status_path):
             path.unlink()
@@ -49,9 +48,6 @@ def test_state_files_turned_into_folders_do_not_stop_training(tmp_path):
         wait_for(lambda: log_lines(rd), 60, "the log to be written again")
         control_and_wait(tmp_path, "u", "stop")
         code, out = finish(proc, 120)
-    finally:
-        if proc.poll() is None:
-            kill(proc)
     assert code == 0, out
     assert status(run)["state"] == "stopped"
     assert out.count("could not write the run's log") == 1 and out.count("could not write the run's status") == 1, out
@@ -87,14 +83,11 @@ def fill(folder: Path) -> Path:
 
 def test_full_disk_stops_the_run_as_failed_and_it_resumes_once_freed(small_disk):
     logdir, run, rd = small_disk, small_disk / "f", RunDir(small_disk / "f")
-    proc = launch(logdir, "f", *KILLABLE, "epochs=100000", "checkpoint.every_epochs=0", out_dir=logdir.parent)
-    try:
+    with killed_if_left(launch(logdir, "f", *KILLABLE, "epochs=100000", "checkpoint.every_epochs=0",
+                               out_dir=logdir.parent)) as proc:
         wait_for(lambda: (rd.checkpoint_dir / "last.pt").is_file() or proc.poll() is not None, 240, "a checkpoint")
         filler = fill(logdir)
         code, out = finish(proc, 120)
-    finally:
-        if proc.poll() is None:
-            kill(proc)
     assert code == 1, out
     assert "disk is full" in out and "Traceback" not in out
     s = status(run)

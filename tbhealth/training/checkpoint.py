@@ -18,7 +18,6 @@ failing later on a missing key.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -67,14 +66,10 @@ def remove_stale_temps(*folders: Path) -> list[str]:
     only when nothing else writes there: at a resume, before training."""
     removed = []
     for folder in folders:
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            if _TEMP_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                unlink_quietly(entry.path)
-                removed.append(entry.name)
+        for path in Path(folder).glob(".*" + TEMP_SUFFIX):  # a missing folder has none
+            if _TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                unlink_quietly(path)
+                removed.append(path.name)
     return removed
 
 

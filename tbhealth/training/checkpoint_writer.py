@@ -234,9 +234,8 @@ def link_atomic(source: Path, target: Path) -> None:
         return
     try:
         os.replace(tmp, target)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
+    finally:
+        unlink_quietly(tmp)  # gone once renamed; still there only if the rename failed
     _sync_folder(target.parent)
 
 
