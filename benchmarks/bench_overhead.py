@@ -1,0 +1,227 @@
+"""What watching costs: ``tbhealth train`` and a Monitor-instrumented loop against a plain PyTorch loop.
+
+Every run is a fresh process (one torch thread, ``OMP_NUM_THREADS=1``), and the variants of one
+model run interleaved, in a rotating order, round after round. Three measures:
+
+* **per-epoch ratio**: mean epoch period of the variant ÷ that of the plain loop *of the same
+  round*, median over rounds. An epoch's period is the wall time between two consecutive moments
+  at which an epoch's validation figures are on the host (epoch 1 and start-up excluded), read the
+  same way on both sides: for ``tbhealth train`` from the ``train/loss`` event that
+  ``Monitor.end_epoch`` writes (its wall time), for ``plain_loop.py`` from its own timing hook,
+  taken at the same point of its loop. The period includes everything a user waits for between
+  epochs: training, validation, and for ``tbhealth train`` its checkpoints.
+* **between epochs**: the part of the period outside the Monitor's epoch (``start_epoch`` to
+  ``end_epoch``, read from the run's ``epoch_durations`` in ``last.pt``): the trainer's
+  checkpoints (last, best, every N), the scheduler and the epoch-end log. Shown separately
+  because it is the checkpoints' cost.
+* **start-up**: process launch → first step done (its loss on the host), ``tbhealth train …
+  --set logging.every_steps=1`` (the step/loss event of step 1) against ``plain_loop.py``.
+
+Parts are switched off through public knobs only: ``health.enabled: false``,
+``logging.every_steps`` = 10⁹, ``checkpoint.every_epochs: 0`` (``last.pt`` and ``best.pt`` are
+still written each epoch: there is no key that turns them off), and for the custom loop
+``Monitor(health=False)``, ``log_every=10**9``, ``system_metrics=False``. ``tbhealth train``
+has no switch for system metrics, and nothing has one for the heartbeat: both are measured
+only as part of the whole.
+
+    python benchmarks/bench_overhead.py                 # 5 rounds, mlp and cnn, ~15 min on 2 cores
+    python benchmarks/bench_overhead.py --quick         # 1 round, mlp, 3 epochs: a smoke test
+    python benchmarks/bench_overhead.py --only startup  # start-up alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = ROOT / "benchmarks" / "plain_loop.py"
+EXAMPLES = {"mlp": ROOT / "examples" / "digits.yaml", "cnn": ROOT / "examples" / "digits_cnn.yaml"}
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
+
+#: variant -> ("train", --set overrides) for ``tbhealth train``, ("loop", Monitor variant) for the
+#: custom loop, ("plain", None) for the reference.
+VARIANTS: dict[str, tuple[str, object]] = {
+    "plain loop": ("plain", None),
+    "train: defaults": ("train", []),
+    "train: health off": ("train", ["health.enabled=false"]),
+    "train: logging off": ("train", ["logging.every_steps=1000000000"]),
+    "train: periodic ckpt off": ("train", ["checkpoint.every_epochs=0"]),
+    "train: all three off": ("train", ["health.enabled=false", "logging.every_steps=1000000000",
+                                       "checkpoint.every_epochs=0"]),
+    "loop+Monitor: defaults": ("loop", "default"),
+    "loop+Monitor: health off": ("loop", "no-health"),
+    "loop+Monitor: logging off": ("loop", "no-logging"),
+    "loop+Monitor: system off": ("loop", "no-system"),
+}
+QUICK_VARIANTS = ("plain loop", "train: defaults", "loop+Monitor: defaults")
+
+
+@dataclass
+class Run:
+    """One process's timings (wall-clock seconds since the epoch)."""
+
+    launched: float
+    first_step: float | None = None
+    epoch_ends: list[float] = field(default_factory=list)
+    epoch_active: list[float] = field(default_factory=list)  # start to end of each epoch's own work
+
+    def periods(self) -> list[float]:
+        """Epoch periods from epoch 2 on (epoch 1 carries start-up and first-call costs)."""
+        return [b - a for a, b in zip(self.epoch_ends, self.epoch_ends[1:])]
+
+    def mean_period(self) -> float:
+        return statistics.fmean(self.periods())
+
+    def between_epochs(self) -> float:
+        """Mean time per epoch spent outside the epoch's own work (checkpoints and the like)."""
+        gaps = [p - a for p, a in zip(self.periods(), self.epoch_active[1:])]
+        return statistics.fmean(gaps) if gaps else 0.0
+
+
+def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None) -> Run:
+    out = tmp / f"plain-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, str(PLAIN), "--model", model, "--epochs", str(epochs), "--out", str(out),
+           "--logdir", str(tmp / "runs")] + (["--monitor", monitor] if monitor else [])
+    launched = time.time()
+    _check(subprocess.run(cmd, env=os.environ | ENV, capture_output=True, text=True), cmd)
+    data = json.loads(out.read_text())
+    active = [e - s for s, e in zip(data["epoch_starts"], data["epoch_ends"])]
+    return Run(launched, data["first_step"], data["epoch_ends"], active)
+
+
+def run_train(model: str, epochs: int, tmp: Path, overrides: list[str]) -> Run:
+    name = f"{model}-{time.monotonic_ns()}"
+    sets = [a for o in [f"epochs={epochs}", "device=cpu", *overrides] for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "tbhealth_cli.app", "train", str(EXAMPLES[model]), "--logdir", str(tmp / "runs"),
+           "--name", name, "--quiet", *sets]
+    launched = time.time()
+    _check(subprocess.run(cmd, env=os.environ | ENV, capture_output=True, text=True, cwd=tmp), cmd)
+    return read_run(tmp / "runs" / name, launched)
+
+
+def read_run(run_dir: Path, launched: float) -> Run:
+    """Epoch ends (the ``train/loss`` events), the first logged step, and epoch durations from last.pt."""
+    import torch
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    run = Run(launched)
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            tags = {v.tag for v in event.summary.value}
+            if "train/loss" in tags:
+                run.epoch_ends.append(event.wall_time)
+            if "step/loss" in tags and run.first_step is None and event.step == 1:
+                run.first_step = event.wall_time
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    run.epoch_active = list(state["monitor"]["epoch_durations"])
+    return run
+
+
+def _check(result: subprocess.CompletedProcess, cmd: list[str]) -> None:
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+
+
+def measure(name: str, model: str, epochs: int, tmp: Path) -> Run:
+    kind, arg = VARIANTS[name]
+    if kind == "train":
+        return run_train(model, epochs, tmp, list(arg))
+    return run_plain(model, epochs, tmp, monitor=arg if kind == "loop" else None)
+
+
+def rotated(names: list[str], i: int) -> list[str]:
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
+def overhead(model: str, names: list[str], rounds: int, epochs: int, tmp: Path) -> dict[str, list[Run]]:
+    runs: dict[str, list[Run]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            runs[name].append(measure(name, model, epochs, tmp))
+        print(f"  {model} round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return runs
+
+
+def startup(model: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
+    """Seconds from launch to the first step done, ``tbhealth train`` and the plain script, interleaved."""
+    out: dict[str, list[float]] = {"plain script": [], "tbhealth train": []}
+    for r in range(rounds):
+        for name in rotated(list(out), r):
+            run = (run_plain(model, 1, tmp) if name == "plain script"
+                   else run_train(model, 1, tmp, ["logging.every_steps=1"]))
+            out[name].append(run.first_step - run.launched)
+    return out
+
+
+def ratio_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
+    plain = runs["plain loop"]
+    lines = [f"\n{model}: per-epoch period (epochs 2..N), ratio to the plain loop of the same round",
+             f"{'variant':28} {'ms/epoch':>9} {'ratio':>7} {'min-max':>13} {'between epochs':>15}",
+             "-" * 76]
+    for name, rs in runs.items():
+        ratios = sorted(r.mean_period() / p.mean_period() for r, p in zip(rs, plain))
+        ms = statistics.median(r.mean_period() for r in rs) * 1e3
+        gap = statistics.median(r.between_epochs() for r in rs) * 1e3
+        lines.append(f"{name:28} {ms:9.1f} {statistics.median(ratios):7.3f} "
+                     f"{ratios[0]:6.3f}-{ratios[-1]:.3f} {gap:12.1f} ms")
+    return lines
+
+
+def startup_table(model: str, times: dict[str, list[float]]) -> list[str]:
+    plain = statistics.median(times["plain script"])
+    lines = [f"\n{model}: start-up, launch -> first step done (s), {len(times['plain script'])} runs each",
+             f"{'':16} {'median':>7} {'min':>6} {'max':>6} {'vs plain':>9}"]
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        lines.append(f"{name:16} {med:7.2f} {min(ts):6.2f} {max(ts):6.2f} {med - plain:+9.2f}")
+    return lines
+
+
+def machine() -> str:
+    import torch
+
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{os.cpu_count()} CPUs ({cpu}), python {platform.python_version()}, torch {torch.__version__}, "
+            f"1 torch thread; load average {load}")
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, mlp, 3 epochs, three variants")
+    parser.add_argument("--rounds", type=int, help="rounds of interleaved runs (default 5; quick 1)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default 16; quick 3)")
+    parser.add_argument("--models", default=None, help="comma-separated: mlp,cnn (quick: mlp)")
+    parser.add_argument("--only", choices=("overhead", "startup"), help="one measure only")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 5)
+    epochs = args.epochs or (3 if args.quick else 16)
+    models = (args.models or ("mlp" if args.quick else "mlp,cnn")).split(",")
+    names = list(QUICK_VARIANTS if args.quick else VARIANTS)
+    lines = [f"machine: {machine()}", f"{rounds} round(s), {epochs} epochs per run"]
+    print(lines[0], lines[1], sep="\n", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="tbhealth-bench-") as tmp:
+        for model in models:
+            if args.only != "overhead":
+                lines += startup_table(model, startup(model, rounds, Path(tmp)))
+            if args.only != "startup":
+                lines += ratio_table(model, overhead(model, names, rounds, epochs, Path(tmp)))
+    lines.append(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("\n".join(lines))
+    return lines
+
+
+if __name__ == "__main__":
+    main()
