@@ -15,7 +15,9 @@ model run interleaved, in a rotating order, round after round. Three measures:
   checkpoints (last, best, every N), the scheduler and the epoch-end log. Shown separately
   because it is the checkpoints' cost.
 * **start-up**: process launch → first step done (its loss on the host), ``tbhealth train …
-  --set logging.every_steps=1`` (the step/loss event of step 1) against ``plain_loop.py``.
+  --set logging.every_steps=1`` (the step/loss event of step 1) against ``plain_loop.py``, which
+  reads the digits file the way tbhealth does; for reference also ``plain_loop.py --data
+  sklearn`` (``sklearn.datasets.load_digits``, which imports scikit-learn: ~2 s more).
 
 Parts are switched off through public knobs only: ``health.enabled: false``,
 ``logging.every_steps`` = 10⁹, ``checkpoint.every_epochs: 0`` (``last.pt`` and ``best.pt`` are
@@ -88,10 +90,10 @@ class Run:
         return statistics.fmean(gaps) if gaps else 0.0
 
 
-def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None) -> Run:
+def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None, data: str = "file") -> Run:
     out = tmp / f"plain-{time.monotonic_ns()}.json"
     cmd = [sys.executable, str(PLAIN), "--model", model, "--epochs", str(epochs), "--out", str(out),
-           "--logdir", str(tmp / "runs")] + (["--monitor", monitor] if monitor else [])
+           "--logdir", str(tmp / "runs"), "--data", data] + (["--monitor", monitor] if monitor else [])
     launched = time.time()
     _check(subprocess.run(cmd, env=os.environ | ENV, capture_output=True, text=True), cmd)
     data = json.loads(out.read_text())
@@ -155,11 +157,13 @@ def overhead(model: str, names: list[str], rounds: int, epochs: int, tmp: Path) 
 
 def startup(model: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
     """Seconds from launch to the first step done, ``tbhealth train`` and the plain script, interleaved."""
-    out: dict[str, list[float]] = {"plain script": [], "tbhealth train": []}
+    out: dict[str, list[float]] = {"plain script": [], "tbhealth train": [], "plain, load_digits": []}
     for r in range(rounds):
         for name in rotated(list(out), r):
-            run = (run_plain(model, 1, tmp) if name == "plain script"
-                   else run_train(model, 1, tmp, ["logging.every_steps=1"]))
+            if name == "tbhealth train":
+                run = run_train(model, 1, tmp, ["logging.every_steps=1"])
+            else:
+                run = run_plain(model, 1, tmp, data="sklearn" if "load_digits" in name else "file")
             out[name].append(run.first_step - run.launched)
     return out
 
@@ -181,10 +185,10 @@ def ratio_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
 def startup_table(model: str, times: dict[str, list[float]]) -> list[str]:
     plain = statistics.median(times["plain script"])
     lines = [f"\n{model}: start-up, launch -> first step done (s), {len(times['plain script'])} runs each",
-             f"{'':16} {'median':>7} {'min':>6} {'max':>6} {'vs plain':>9}"]
+             f"{'':20} {'median':>7} {'min':>6} {'max':>6} {'vs plain':>9}"]
     for name, ts in times.items():
         med = statistics.median(ts)
-        lines.append(f"{name:16} {med:7.2f} {min(ts):6.2f} {max(ts):6.2f} {med - plain:+9.2f}")
+        lines.append(f"{name:20} {med:7.2f} {min(ts):6.2f} {max(ts):6.2f} {med - plain:+9.2f}")
     return lines
 
 

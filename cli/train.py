@@ -48,7 +48,11 @@ def train(
 
     overrides = list(set_ or [])
     try:
-        cfg = load_config(config, overrides)  # every check that needs no data runs here
+        cfg = load_config(config, overrides)  # names, imports, signatures; the trainer's build judges values
+        if nproc_per_node is not None:  # this process builds nothing: judge the values on stand-ins here
+            from tbhealth.training import registry
+
+            registry.check_config(cfg, dry_build=True)
     except ConfigError as e:
         fail(str(e), code=ExitCode.USAGE, hint="Fix the config (or the --set value) and run again; see README 'Config reference'.")
     if nproc_per_node is not None:
