@@ -90,10 +90,11 @@ class Run:
         return statistics.fmean(gaps) if gaps else 0.0
 
 
-def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None, data: str = "file") -> Run:
+def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None, data: str = "file",
+              device: str = "cpu") -> Run:
     out = tmp / f"plain-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, str(PLAIN), "--model", model, "--epochs", str(epochs), "--out", str(out),
-           "--logdir", str(tmp / "runs"), "--data", data] + (["--monitor", monitor] if monitor else [])
+    cmd = [sys.executable, str(PLAIN), "--model", model, "--epochs", str(epochs), "--out", str(out), "--device",
+           device, "--logdir", str(tmp / "runs"), "--data", data] + (["--monitor", monitor] if monitor else [])
     launched = time.time()
     _check(subprocess.run(cmd, env=os.environ | ENV, capture_output=True, text=True), cmd)
     data = json.loads(out.read_text())
@@ -101,9 +102,9 @@ def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None, da
     return Run(launched, data["first_step"], data["epoch_ends"], active)
 
 
-def run_train(model: str, epochs: int, tmp: Path, overrides: list[str]) -> Run:
+def run_train(model: str, epochs: int, tmp: Path, overrides: list[str], device: str = "cpu") -> Run:
     name = f"{model}-{time.monotonic_ns()}"
-    sets = [a for o in [f"epochs={epochs}", "device=cpu", *overrides] for a in ("--set", o)]
+    sets = [a for o in [f"epochs={epochs}", f"device={device}", *overrides] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "tbhealth_cli.app", "train", str(EXAMPLES[model]), "--logdir", str(tmp / "runs"),
            "--name", name, "--quiet", *sets]
     launched = time.time()
@@ -134,11 +135,11 @@ def _check(result: subprocess.CompletedProcess, cmd: list[str]) -> None:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
 
 
-def measure(name: str, model: str, epochs: int, tmp: Path) -> Run:
+def measure(name: str, model: str, epochs: int, tmp: Path, device: str = "cpu") -> Run:
     kind, arg = VARIANTS[name]
     if kind == "train":
-        return run_train(model, epochs, tmp, list(arg))
-    return run_plain(model, epochs, tmp, monitor=arg if kind == "loop" else None)
+        return run_train(model, epochs, tmp, list(arg), device=device)
+    return run_plain(model, epochs, tmp, monitor=arg if kind == "loop" else None, device=device)
 
 
 def rotated(names: list[str], i: int) -> list[str]:
@@ -146,11 +147,12 @@ def rotated(names: list[str], i: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def overhead(model: str, names: list[str], rounds: int, epochs: int, tmp: Path) -> dict[str, list[Run]]:
+def overhead(model: str, names: list[str], rounds: int, epochs: int, tmp: Path,
+             device: str = "cpu") -> dict[str, list[Run]]:
     runs: dict[str, list[Run]] = {n: [] for n in names}
     for r in range(rounds):
         for name in rotated(names, r):
-            runs[name].append(measure(name, model, epochs, tmp))
+            runs[name].append(measure(name, model, epochs, tmp, device))
         print(f"  {model} round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return runs
 
@@ -168,17 +170,25 @@ def startup(model: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
     return out
 
 
-def ratio_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
+def summarize(runs: dict[str, list[Run]]) -> dict[str, dict[str, float]]:
+    """Per variant: median ms per epoch, median/min/max paired ratio to the plain loop, ms between epochs."""
     plain = runs["plain loop"]
+    out = {}
+    for name, rs in runs.items():
+        ratios = sorted(r.mean_period() / p.mean_period() for r, p in zip(rs, plain))
+        out[name] = {"ms_per_epoch": statistics.median(r.mean_period() for r in rs) * 1e3,
+                     "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+                     "between_epochs_ms": statistics.median(r.between_epochs() for r in rs) * 1e3}
+    return out
+
+
+def ratio_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
     lines = [f"\n{model}: per-epoch period (epochs 2..N), ratio to the plain loop of the same round",
              f"{'variant':28} {'ms/epoch':>9} {'ratio':>7} {'min-max':>13} {'between epochs':>15}",
              "-" * 76]
-    for name, rs in runs.items():
-        ratios = sorted(r.mean_period() / p.mean_period() for r, p in zip(rs, plain))
-        ms = statistics.median(r.mean_period() for r in rs) * 1e3
-        gap = statistics.median(r.between_epochs() for r in rs) * 1e3
-        lines.append(f"{name:28} {ms:9.1f} {statistics.median(ratios):7.3f} "
-                     f"{ratios[0]:6.3f}-{ratios[-1]:.3f} {gap:12.1f} ms")
+    for name, v in summarize(runs).items():
+        lines.append(f"{name:28} {v['ms_per_epoch']:9.1f} {v['ratio']:7.3f} "
+                     f"{v['ratio_min']:6.3f}-{v['ratio_max']:.3f} {v['between_epochs_ms']:12.1f} ms")
     return lines
 
 
