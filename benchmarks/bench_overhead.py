@@ -225,15 +225,20 @@ def main(argv: list[str] | None = None) -> list[str]:
     models = (args.models or ("mlp" if args.quick else "mlp,cnn")).split(",")
     names = list(QUICK_VARIANTS if args.quick else VARIANTS)
     lines = [f"machine: {machine()}", f"{rounds} round(s), {epochs} epochs per run"]
-    print(lines[0], lines[1], sep="\n", file=sys.stderr)
+    show(lines)
     with tempfile.TemporaryDirectory(prefix="tbhealth-bench-") as tmp:
         for model in models:
             if args.only != "overhead":
-                lines += startup_table(model, startup(model, rounds, Path(tmp)))
+                lines += show(startup_table(model, startup(model, rounds, Path(tmp))))
             if args.only != "startup":
-                lines += ratio_table(model, overhead(model, names, rounds, epochs, Path(tmp)))
-    lines.append(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("\n".join(lines))
+                lines += show(ratio_table(model, overhead(model, names, rounds, epochs, Path(tmp))))
+    lines += show([f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}"])
+    return lines
+
+
+def show(lines: list[str]) -> list[str]:
+    """Print a table as soon as it is measured (a long run interrupted keeps what it has)."""
+    print("\n".join(lines), flush=True)
     return lines
 
 

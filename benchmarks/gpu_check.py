@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
-    device, epochs = ("cuda" if cuda else "cpu"), (2 if args.quick else 6)
+    device, epochs = ("cuda" if cuda else "cpu"), (1 if args.quick else 6)
     skip = "skipped: no CUDA device on this machine"
     results: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (no CUDA device)",
                      "torch": torch.__version__, "cuda": torch.version.cuda, "machine": bench_overhead.machine()}

@@ -38,8 +38,8 @@ def test_gpu_check_runs_on_a_cpu_machine_and_says_what_it_skipped(tmp_path):
     for key in ("sync_custom_loop", "sync_trainer"):
         part = results[key]
         assert part["ok"] and part["mode_enforced"] is False and "counted, not checked" in part["note"]
-        # 2 epochs x 23 steps; steps 5, 10, 15... log (every_steps 5) and 10, 20... sample health
-        assert (part["guarded_steps"], part["unguarded_steps"]) == (37, 9)
+        # 1 epoch of 23 steps: steps 5, 10, 15, 20 log (every_steps 5) and 10, 20 sample health
+        assert (part["guarded_steps"], part["unguarded_steps"]) == (19, 4)
     assert results["nvml"]["status_system_gpu"] is None and results["nvml"]["direct_reading_gpu"] is None
 
 
