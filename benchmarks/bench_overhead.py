@@ -6,7 +6,10 @@ model run interleaved, in a rotating order, round after round. Three measures:
 * **per-epoch ratio**, two estimates: *wall*, the mean epoch period of the variant ÷ that of
   the plain loop *of the same round*, median over rounds (what a user sees, noise included), and
   *quiet*, the same ratio of each epoch's fastest round (:func:`quiet_mean`: contention from
-  other jobs only ever adds time; this is the estimate to trust on a shared machine). An epoch's period is the wall time between two consecutive moments
+  other jobs only ever adds time), and, for the plain loop and the Monitor custom loop, *CPU*:
+  process CPU time per epoch, all threads, read by ``plain_loop.py`` at each epoch end. CPU
+  time moves much less with other jobs' load, but misses waits (a checkpoint's ``fsync``) and
+  counts the background threads' work even where a spare core would hide it. An epoch's period is the wall time between two consecutive moments
   at which an epoch's validation figures are on the host (epoch 1 and start-up excluded), read the
   same way on both sides: for ``tbhealth train`` from the ``train/loss`` event that
   ``Monitor.end_epoch`` writes (its wall time), for ``plain_loop.py`` from its own timing hook,
@@ -39,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,6 +82,16 @@ class Run:
     first_step: float | None = None
     epoch_ends: list[float] = field(default_factory=list)
     epoch_active: list[float] = field(default_factory=list)  # start to end of each epoch's own work
+    cpu_total: float = 0.0  # CPU seconds of the whole process (all threads), from getrusage
+    epoch_cpu: list[float] = field(default_factory=list)  # process CPU at each epoch end (plain_loop.py only)
+
+    def cpu_per_epoch(self) -> float | None:
+        """Process CPU seconds per epoch (epochs 2..N), where the run reads its own CPU clock
+        (``plain_loop.py``); None for ``tbhealth train``, whose whole-run CPU minus a one-epoch
+        run's proved too noisy here (start-up CPU varies by more than 15 epochs of the MLP)."""
+        if not self.epoch_cpu:
+            return None
+        return (self.epoch_cpu[-1] - self.epoch_cpu[0]) / (len(self.epoch_cpu) - 1)
 
     def periods(self) -> list[float]:
         """Epoch periods from epoch 2 on (epoch 1 carries start-up and first-call costs)."""
@@ -104,10 +118,10 @@ def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None, da
     cmd = [sys.executable, str(PLAIN), "--model", model, "--epochs", str(epochs), "--out", str(out), "--device",
            device, "--logdir", str(tmp / "runs"), "--data", data] + (["--monitor", monitor] if monitor else [])
     launched = time.time()
-    _check(subprocess.run(cmd, env=os.environ | ENV, capture_output=True, text=True), cmd)
+    cpu = _run(cmd)
     data = json.loads(out.read_text())
     active = [e - s for s, e in zip(data["epoch_starts"], data["epoch_ends"])]
-    return Run(launched, data["first_step"], data["epoch_ends"], active)
+    return Run(launched, data["first_step"], data["epoch_ends"], active, cpu, data["epoch_cpu"])
 
 
 def run_train(model: str, epochs: int, tmp: Path, overrides: list[str], device: str = "cpu",
@@ -118,8 +132,10 @@ def run_train(model: str, epochs: int, tmp: Path, overrides: list[str], device: 
     cmd = [python, "-m", "tbhealth_cli.app", "train", str(EXAMPLES[model]), "--logdir", str(tmp / "runs"),
            "--name", name, "--quiet", *sets]
     launched = time.time()
-    _check(subprocess.run(cmd, env=os.environ | ENV, capture_output=True, text=True, cwd=tmp), cmd)
-    return read_run(tmp / "runs" / name, launched)
+    cpu = _run(cmd, cwd=tmp)
+    run = read_run(tmp / "runs" / name, launched)
+    run.cpu_total = cpu
+    return run
 
 
 def read_run(run_dir: Path, launched: float) -> Run:
@@ -140,9 +156,14 @@ def read_run(run_dir: Path, launched: float) -> Run:
     return run
 
 
-def _check(result: subprocess.CompletedProcess, cmd: list[str]) -> None:
+def _run(cmd: list[str], cwd: Path | None = None) -> float:
+    """Run ``cmd`` to the end; returns its CPU seconds (user + system, all threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run(cmd, env=os.environ | ENV, capture_output=True, text=True, cwd=cwd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def measure(name: str, model: str, epochs: int, tmp: Path, device: str = "cpu") -> Run:
@@ -169,9 +190,10 @@ def overhead(model: str, names: list[str], rounds: int, epochs: int, tmp: Path,
     return runs
 
 
-def startup(model: str, rounds: int, tmp: Path, baseline: str | None = None) -> dict[str, list[float]]:
-    """Seconds from launch to the first step done, ``tbhealth train`` and the plain script, interleaved."""
-    out: dict[str, list[float]] = {"plain script": [], "tbhealth train": [], "plain, load_digits": []}
+def startup(model: str, rounds: int, tmp: Path, baseline: str | None = None) -> dict[str, list[Run]]:
+    """One-epoch runs of ``tbhealth train`` and of the plain script, interleaved: their start-up
+    (launch to the first step done) and their CPU time (what a longer run spends before epoch 2)."""
+    out: dict[str, list[Run]] = {"plain script": [], "tbhealth train": [], "plain, load_digits": []}
     if baseline:
         out["tbhealth train, before"] = []
     for r in range(rounds):
@@ -180,45 +202,56 @@ def startup(model: str, rounds: int, tmp: Path, baseline: str | None = None) -> 
                 run = run_train(model, 1, tmp, ["logging.every_steps=1"], python=baseline if "before" in name else sys.executable)
             else:
                 run = run_plain(model, 1, tmp, data="sklearn" if "load_digits" in name else "file")
-            out[name].append(run.first_step - run.launched)
+            out[name].append(run)
     return out
 
 
-def summarize(runs: dict[str, list[Run]]) -> dict[str, dict[str, float]]:
+def summarize(runs: dict[str, list[Run]]) -> dict[str, dict[str, float | None]]:
     """Per variant: ``ratio`` (wall clock: median over rounds of the paired ratio to the plain loop
     of the same round, with its min and max), ``quiet_ratio`` (:func:`quiet_mean` of both), ms per
-    epoch (median over rounds, and quiet), ms between epochs (quiet)."""
+    epoch (median over rounds, and quiet), ms between epochs (quiet), and ``cpu_ratio``: process
+    CPU per epoch (median over rounds) ÷ the plain loop's, where the run measures it."""
     plain = runs["plain loop"]
     plain_quiet = quiet_mean([p.periods() for p in plain])
+    plain_cpu = statistics.median(p.cpu_per_epoch() for p in plain)
     out = {}
     for name, rs in runs.items():
         ratios = sorted(r.mean_period() / p.mean_period() for r, p in zip(rs, plain))
         quiet = quiet_mean([r.periods() for r in rs])
+        cpus = [r.cpu_per_epoch() for r in rs]
+        cpu = statistics.median(cpus) if None not in cpus else None
         out[name] = {"ms_per_epoch": statistics.median(r.mean_period() for r in rs) * 1e3,
                      "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
                      "quiet_ms_per_epoch": quiet * 1e3, "quiet_ratio": quiet / plain_quiet,
-                     "quiet_between_epochs_ms": quiet_mean([r.gaps() for r in rs]) * 1e3}
+                     "quiet_between_epochs_ms": quiet_mean([r.gaps() for r in rs]) * 1e3,
+                     "cpu_ms_per_epoch": None if cpu is None else cpu * 1e3,
+                     "cpu_ratio": None if cpu is None else cpu / plain_cpu}
     return out
 
 
 def ratio_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
-    lines = [f"\n{model}: per-epoch period (epochs 2..N) vs the plain loop; wall = median over rounds of the "
-             "paired ratio; quiet = each epoch's fastest round",
+    lines = [f"\n{model}: per epoch (epochs 2..N) vs the plain loop. wall: median over rounds of the paired "
+             "ratio; quiet: each epoch's fastest round; CPU: process CPU time, all threads",
              f"{'variant':28} {'wall ms':>8} {'ratio':>6} {'min-max':>12} | {'quiet ms':>8} {'ratio':>6} "
-             f"{'between epochs':>14}", "-" * 94]
+             f"{'between':>9} | {'CPU ms':>7} {'ratio':>6}", "-" * 106]
     for name, v in summarize(runs).items():
+        cpu = (f"{v['cpu_ms_per_epoch']:7.1f} {v['cpu_ratio']:6.3f}" if v["cpu_ratio"] is not None
+               else f"{'-':>7} {'-':>6}")
         lines.append(f"{name:28} {v['ms_per_epoch']:8.1f} {v['ratio']:6.3f} {v['ratio_min']:5.2f}-{v['ratio_max']:<6.2f} | "
-                     f"{v['quiet_ms_per_epoch']:8.1f} {v['quiet_ratio']:6.3f} {v['quiet_between_epochs_ms']:11.1f} ms")
+                     f"{v['quiet_ms_per_epoch']:8.1f} {v['quiet_ratio']:6.3f} {v['quiet_between_epochs_ms']:6.1f} ms | {cpu}")
     return lines
 
 
-def startup_table(model: str, times: dict[str, list[float]]) -> list[str]:
+def startup_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
+    times = {name: [r.first_step - r.launched for r in rs] for name, rs in runs.items()}
     plain, plain_min = statistics.median(times["plain script"]), min(times["plain script"])
-    lines = [f"\n{model}: start-up, launch -> first step done (s), {len(times['plain script'])} runs each",
-             f"{'':22} {'median':>7} {'vs plain':>9} {'min':>6} {'vs plain':>9} {'max':>6}"]
+    lines = [f"\n{model}: start-up, launch -> first step done (s), {len(times['plain script'])} runs each; "
+             "CPU: a whole one-epoch run",
+             f"{'':22} {'median':>7} {'vs plain':>9} {'min':>6} {'vs plain':>9} {'max':>6} {'CPU s':>6}"]
     for name, ts in times.items():
-        med = statistics.median(ts)
-        lines.append(f"{name:22} {med:7.2f} {med - plain:+9.2f} {min(ts):6.2f} {min(ts) - plain_min:+9.2f} {max(ts):6.2f}")
+        med, cpu = statistics.median(ts), statistics.median(r.cpu_total for r in runs[name])
+        lines.append(f"{name:22} {med:7.2f} {med - plain:+9.2f} {min(ts):6.2f} {min(ts) - plain_min:+9.2f} "
+                     f"{max(ts):6.2f} {cpu:6.2f}")
     return lines
 
 

@@ -151,7 +151,7 @@ def ddp_job(logdir: Path, epochs: int) -> dict:
 
 
 def ratio(rounds: int, epochs: int, tmp: Path) -> dict:
-    names = ["plain loop", "train: defaults", "train: periodic ckpt off", "loop+Monitor: defaults"]
+    names = ["plain loop", "train: defaults", "loop+Monitor: defaults"]
     return {model: bench_overhead.summarize(bench_overhead.overhead(model, names, rounds, epochs, tmp, "cuda"))
             for model in ("mlp", "cnn")}
 

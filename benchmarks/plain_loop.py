@@ -96,12 +96,14 @@ def optimization(model_name: str, model: nn.Module) -> tuple[torch.optim.Optimiz
 
 
 class Timing:
-    """The shared timing hook: wall times of the first finished step and of each epoch's start and end."""
+    """The shared timing hook: wall times of the first finished step and of each epoch's start and
+    end, and the process's CPU time at each epoch's end."""
 
     def __init__(self) -> None:
         self.first_step: float | None = None
         self.epoch_starts: list[float] = []
         self.epoch_ends: list[float] = []
+        self.epoch_cpu: list[float] = []  # process CPU seconds (all threads) at each epoch end
 
 
 def train(args: argparse.Namespace, timing: Timing, step_guard=None) -> dict:
@@ -149,6 +151,7 @@ def train(args: argparse.Namespace, timing: Timing, step_guard=None) -> dict:
                 train_loss, train_acc = (torch.stack([loss_sum, correct]) / max(count, 1)).tolist()
                 figures |= {"train_loss": train_loss, "train_acc": train_acc}
             timing.epoch_ends.append(time.time())
+            timing.epoch_cpu.append(time.process_time())
             sched.step(figures["val_loss"]) if args.model == "cnn" else sched.step()
     return figures
 
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     timing = Timing()
     figures = train(args, timing)
     result = {"imports_start": T_IMPORTS, "first_step": timing.first_step, "epoch_starts": timing.epoch_starts,
-              "epoch_ends": timing.epoch_ends, "figures": figures}
+              "epoch_ends": timing.epoch_ends, "epoch_cpu": timing.epoch_cpu, "figures": figures}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f)
