@@ -333,7 +333,8 @@ def config_from_dict(d: dict, source: str = "<dict>", positions: dict[tuple, str
 
 def dump_config(cfg: Config) -> str:
     """YAML of the resolved config (defaults filled in); loading it gives back an equal Config."""
-    body = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: the same text, ~10x faster
+    body = yaml.dump(cfg.model_dump(mode="json", by_alias=True), Dumper=dumper, sort_keys=False, allow_unicode=True)
     return f"# tbhealth config as resolved (defaults < file < --set); task resolves to {cfg.resolved_task}\n{body}"
 
 
