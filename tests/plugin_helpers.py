@@ -3,6 +3,7 @@ TensorBoard process. Nothing here fakes a component; it only starts the real one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -257,3 +258,42 @@ def tab_runs(tmp_path_factory) -> Path:
             assert proc.returncode == 0, f"training exited {proc.returncode}:\n{out}"
         _shared["tab"] = logdir
     return _shared["tab"]
+
+
+# --------------------------------------------------------------------------- the tab in headless Chromium
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def frame(page):
+    return page.frame_locator("iframe")
+
+
+def tid(name: str) -> str:
+    return f'[data-testid="{name}"]'
+
+
+def row(page, run: str):
+    return frame(page).locator(f'{tid("run-row")}[data-run="{run}"]')
+
+
+def shoot(page, name: str, height: int = 1000) -> None:
+    """Screenshot with a viewport tall enough that the tab's iframe shows everything."""
+    page.mouse.move(1, height - 1)  # no hover effects (Plotly's mode bar) in the picture
+    page.set_viewport_size({"width": 1400, "height": height})
+    page.wait_for_timeout(1500)  # Plotly relayouts on resize
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+@contextlib.contextmanager
+def evidence(page, name: str):
+    """On failure, leave a screenshot of what the browser showed in test-artifacts/."""
+    try:
+        yield
+    except BaseException:
+        page.screenshot(path=str(ARTIFACTS / f"failed-{name}.png"), full_page=True)
+        raise

@@ -82,12 +82,19 @@ function lrLayout(theme, uirevision, lr, scalars) {
   return layout;
 }
 
-/** The LR as a staircase, each change a small marker whose hover says what changed (no text on the chart). */
+/**
+ * The LR as a staircase over each epoch's span (epoch k spans (k-1, k], as the events do: a
+ * change shows at the boundary where it took effect), each reduction a small marker there whose
+ * hover says what changed: no text on the chart, however many there are.
+ */
 function lrTraces(lr, reductions) {
-  const traces = [line(xy({lr}, 'lr'), 'lr', LR, {line: {color: LR, width: 2, shape: 'hv'},
-    hovertemplate: 'epoch %{x}: LR %{y:.3~g}<extra></extra>'})];
+  const steps = lr ? lr.steps : [];
+  const values = lr ? lr.values : [];
+  const stairs = {x: steps.length ? [steps[0] - 1, ...steps] : [], y: values.length ? [values[0], ...values] : []};
+  const traces = [line(stairs, 'lr', LR, {line: {color: LR, width: 2, shape: 'vh'}, marker: {size: 4},
+    text: stairs.x.map((x, i) => `epoch ${i ? x : x + 1}`), hovertemplate: '%{text}: LR %{y:.3~g}<extra></extra>'})];
   if (reductions.length) {
-    traces.push({type: 'scatter', mode: 'markers', name: 'LR reduced', x: reductions.map((r) => r.epoch),
+    traces.push({type: 'scatter', mode: 'markers', name: 'LR reduced', x: reductions.map((r) => r.epoch - 1),
       y: reductions.map((r) => r.to), text: reductions.map((r) => r.label), hovertemplate: '%{text}<extra></extra>',
       marker: {symbol: 'triangle-down', size: 9, color: VAL}});
   }

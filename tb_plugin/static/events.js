@@ -70,10 +70,10 @@ function eventId(e) {
 
 /**
  * Events of the visible kinds with a position on the axis (`key` 'epoch_x' or 'step'), merged per
- * lane into at most BUCKETS markers over the axis' span. Pure.
- * @return {{kind: string, x: number, events: Object[]}[]}
+ * lane (`laneOf`, the kind by default) into at most BUCKETS markers over the axis' span. Pure.
+ * @return {{lane: string, x: number, events: Object[]}[]}
  */
-export function bucketEvents(events, key, kinds) {
+export function bucketEvents(events, key, kinds, laneOf = (e) => e.kind) {
   const placed = events.filter((e) => kinds.has(e.kind) && typeof e[key] === 'number');
   if (!placed.length) return [];
   const xs = placed.map((e) => e[key]);
@@ -81,8 +81,9 @@ export function bucketEvents(events, key, kinds) {
   const width = (Math.max(...xs) - lo) / BUCKETS || 1;
   const buckets = new Map();
   for (const e of placed) {
-    const id = `${e.kind}:${Math.floor((e[key] - lo) / width)}`;
-    if (!buckets.has(id)) buckets.set(id, {kind: e.kind, x: e[key], events: []});
+    const lane = laneOf(e);
+    const id = `${lane}:${Math.floor((e[key] - lo) / width)}`;
+    if (!buckets.has(id)) buckets.set(id, {lane, x: e[key], events: []});
     buckets.get(id).events.push(e);
   }
   return [...buckets.values()];
@@ -111,17 +112,20 @@ export function addOverlay(fig, events, key, kinds, highlight) {
   fig.layout.yaxis.domain = [0, STRIP[0] - 0.03];
   fig.layout.yaxis5 = {domain: STRIP, range: [-0.5, 2.5], visible: false, fixedrange: true};
   for (const kind of Object.keys(KINDS)) {
-    const mine = buckets.filter((b) => b.kind === kind);
-    if (!mine.length) continue;
-    const leaders = mine.map((b) => leader(b.events));
-    fig.traces.push({type: 'scatter', mode: 'markers', yaxis: 'y5', name: KINDS[kind].label, showlegend: false,
-      x: mine.map((b) => b.x), y: mine.map(() => KINDS[kind].lane), text: mine.map((b) => mergedText(b.events)),
-      customdata: leaders.map(eventId), hovertemplate: '%{text}<extra></extra>', cliponaxis: false,
-      marker: {size: mine.map((b) => (b.events.length > 1 ? 11 : 9)), color: leaders.map(eventColor),
-        symbol: leaders.map(eventSymbol), line: {width: 1.5, color: leaders.map(eventColor)}}});
+    const mine = buckets.filter((b) => b.lane === kind);
+    if (mine.length) fig.traces.push(markerTrace(mine, () => KINDS[kind].lane, {yaxis: 'y5', name: KINDS[kind].label, cliponaxis: false}));
   }
   fig.layout.shapes = [...(fig.layout.shapes || []), ...shapes];
   return fig;
+}
+
+/** One scatter trace of merged markers, each drawn like its most telling event, at height `y(bucket)`. */
+function markerTrace(buckets, y, extra) {
+  const leaders = buckets.map((b) => leader(b.events));
+  return {type: 'scatter', mode: 'markers', showlegend: false, x: buckets.map((b) => b.x), y: buckets.map(y),
+    text: buckets.map((b) => mergedText(b.events)), customdata: leaders.map(eventId), hovertemplate: '%{text}<extra></extra>',
+    marker: {size: buckets.map((b) => (b.events.length > 1 ? 11 : 9)), color: leaders.map(eventColor),
+      symbol: leaders.map(eventSymbol), line: {width: 1.5, color: leaders.map(eventColor)}}, ...extra};
 }
 
 /** A dashed vertical line through the whole chart at the highlighted event(s). */
@@ -178,9 +182,7 @@ export function timelineFigure(events, kinds, theme, highlight, uirevision, xEnd
   Object.assign(layout.xaxis, {range: [0, right + 0.05 * right]}, integerAxis(right));
   layout.shapes = highlightShapes(shown, 'epoch_x', highlight);
   const traces = episodeTraces(shown, xEnd);
-  traces.push({type: 'scatter', mode: 'markers', showlegend: false, x: shown.map((e) => e.epoch_x), y: shown.map(laneOf),
-    text: shown.map(eventText), customdata: shown.map(eventId), hovertemplate: '%{text}<extra></extra>',
-    marker: {size: 10, color: shown.map(eventColor), symbol: shown.map(eventSymbol), line: {width: 1.5, color: shown.map(eventColor)}}});
+  traces.push(markerTrace(bucketEvents(shown, 'epoch_x', kinds, laneOf), (b) => b.lane, {}));
   if (!shown.length) {
     layout.annotations = [{text: events.length ? 'All event kinds are switched off' : 'No events yet', xref: 'paper', yref: 'paper',
       x: 0.5, y: 0.5, showarrow: false, font: {color: theme.muted}}];

@@ -48,7 +48,7 @@ export function baseLayout(theme, title, xTitle, uirevision, height = 270) {
     plot_bgcolor: 'rgba(0,0,0,0)',
     font: {color: theme.fg, size: 11},
     xaxis: {title: {text: xTitle}, gridcolor: theme.grid, zerolinecolor: theme.grid},
-    yaxis: {gridcolor: theme.grid, zerolinecolor: theme.grid, tickformat: '.4~g'},
+    yaxis: {gridcolor: theme.grid, zerolinecolor: theme.grid},
     legend: {orientation: 'h', x: 1, xanchor: 'right', y: 1.15},
     hovermode: 'x unified',
     uirevision,

@@ -153,15 +153,19 @@ export class RunPage {
     return updateCharts(this.els.charts, this.model.scalars, this.theme(), this.run, this.overlay, (id) => this.showEvent(id, false));
   }
 
-  /** Mark the event with this id (an alert's or a control request's) on every chart; again to unmark. */
-  async showEvent(id, scroll = true) {
-    this.overlay.highlight = this.overlay.highlight === id ? null : id;
+  /**
+   * Mark the event with this id (an alert's or a control request's) on every chart. From a link
+   * (`fromLink`): mark it and scroll to the charts; from a click on a marker: mark, or unmark when
+   * it is marked already.
+   */
+  async showEvent(id, fromLink = true) {
+    this.overlay.highlight = !fromLink && this.overlay.highlight === id ? null : id;
     const event = this.overlay.events.find((ev) => ev.id === id);
     if (event && !this.overlay.kinds.has(event.kind)) {
       this.overlay.kinds.add(event.kind);
       this.els.charts.querySelector(`[data-testid="toggle-${event.kind}"]`).checked = true;
     }
-    if (scroll) this.els.chartsSection.scrollIntoView({behavior: 'smooth', block: 'start'});
+    if (fromLink) this.els.chartsSection.scrollIntoView({behavior: 'smooth', block: 'start'});
     await this.redrawCharts();
   }
 
