@@ -29,8 +29,20 @@ const STRIP = [0.86, 1];
 
 // ------------------------------------------------------------------------------ text and colour
 
+/** Texts already built, per event object (the page keeps the objects while GET events answers the same). */
+const texts = new WeakMap();
+
 /** One line (HTML-escaped, for Plotly's hover) saying what an event was. */
 export function eventText(e) {
+  let text = texts.get(e);
+  if (text === undefined) {
+    text = describe(e);
+    texts.set(e, text);
+  }
+  return text;
+}
+
+function describe(e) {
   const where = [e.epoch != null ? `epoch ${e.epoch}` : null, e.step != null ? `step ${e.step}` : null,
     e.time ? fmtClock(e.time) : null].filter(Boolean).join(' · ');
   let what;

@@ -167,7 +167,7 @@ export class RunModel {
       this.clockSkew = Date.now() / 1000 - (status.server_time || Date.now() / 1000);
     }
     if (scalars) this.scalars = scalars;
-    if (events) this.events = events.events;
+    if (events) this.setEvents(events.events);
     if (layers) this.layers = layers;
     else if (layersDue) this.layersAt = -Infinity;  // failed: try again next poll
     let changedAlerts = [];
@@ -188,6 +188,15 @@ export class RunModel {
       if (this.logs.length > MAX_LOG_RECORDS) this.logs.splice(0, this.logs.length - MAX_LOG_RECORDS);
     }
     return {newLogs, changedAlerts};
+  }
+
+  /** Keep the same event objects while the answer is the same: the charts' hover texts are
+   * built once per event object (events.js), and hundreds of them cost a redraw's worth. */
+  setEvents(events) {
+    const json = JSON.stringify(events);
+    if (json === this.eventsJson) return;
+    this.eventsJson = json;
+    this.events = events;
   }
 
   resetLogs() {

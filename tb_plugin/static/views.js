@@ -90,10 +90,12 @@ export function fmtBytes(b) {
   return `${b.toFixed(i && b < 10 ? 1 : 0)} ${units[i]}`;
 }
 
+/** One formatter for every clock time: toLocaleTimeString builds a new one per call (slow by the hundred). */
+const CLOCK = new Intl.DateTimeFormat([], {hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false});
+
 export function fmtClock(t) {
   if (!t) return '';
-  const d = new Date(t * 1000);
-  return d.toLocaleTimeString([], {hour12: false});
+  return CLOCK.format(new Date(t * 1000));
 }
 
 export function fmtAgo(seconds) {
