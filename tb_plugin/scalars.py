@@ -97,6 +97,17 @@ def pick_tags(tags: Sequence[str], patterns: Sequence[str] | None = None) -> tup
     return chosen, len(wanted) - len(chosen)
 
 
+def _ask(data_provider: Any, method: str, ctx: Any, experiment_id: str, run: str,
+         tags: Sequence[str] | None = None, **kwargs: Any) -> dict:
+    """One call of the data provider about one run's scalar series (all its tags, or ``tags``)."""
+    if data_provider is None:
+        raise ApiError(503, "TensorBoard has no data provider; scalars are unavailable")
+    found = getattr(data_provider, method)(
+        ctx, experiment_id=experiment_id, plugin_name=SCALARS_PLUGIN,
+        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=None if tags is None else list(tags)), **kwargs)
+    return (found or {}).get(run, {})
+
+
 def read_series(data_provider: Any, ctx: Any, experiment_id: str, run: str, tags: Sequence[str],
                 downsample: int = DOWNSAMPLE) -> dict[str, dict]:
     """``{tag: {steps, values, wall_times}}`` for those of ``tags`` the run has, in ``tags`` order.
@@ -104,18 +115,7 @@ def read_series(data_provider: Any, ctx: Any, experiment_id: str, run: str, tags
     ``run`` must already be validated (``api.open_run``). At most ``downsample`` points per
     series (TensorBoard keeps the last one); non-finite values become None.
     """
-    if data_provider is None:
-        raise ApiError(503, "TensorBoard has no data provider; scalars are unavailable")
-    if not tags:
-        return {}
-    data = data_provider.read_scalars(
-        ctx,
-        experiment_id=experiment_id,
-        plugin_name=SCALARS_PLUGIN,
-        downsample=downsample,
-        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=list(tags)),
-    )
-    loaded = (data or {}).get(run, {})
+    loaded = _ask(data_provider, "read_scalars", ctx, experiment_id, run, tags, downsample=downsample) if tags else {}
     series: dict[str, dict] = {}
     for tag in tags:
         points = loaded.get(tag)
@@ -130,15 +130,7 @@ def read_series(data_provider: Any, ctx: Any, experiment_id: str, run: str, tags
 
 def list_tags(data_provider: Any, ctx: Any, experiment_id: str, run: str) -> list[str]:
     """Every scalar tag TensorBoard has loaded for ``run`` (none before its first reload)."""
-    if data_provider is None:
-        raise ApiError(503, "TensorBoard has no data provider; scalars are unavailable")
-    listing = data_provider.list_scalars(
-        ctx,
-        experiment_id=experiment_id,
-        plugin_name=SCALARS_PLUGIN,
-        run_tag_filter=tb_provider.RunTagFilter(runs=[run]),
-    )
-    return list((listing or {}).get(run, {}))
+    return list(_ask(data_provider, "list_scalars", ctx, experiment_id, run))
 
 
 def scalars_impl(data_provider: Any, ctx: Any, experiment_id: str, run: str,

@@ -3,7 +3,7 @@
 // LR changes. Figures are pure functions of the routes' answers; updateCharts draws them.
 
 import {h, setText} from './views.js';
-import {loadPlotly, xy, line, baseLayout, integerAxis, logAxis, maxOf, emptyNote, draw} from './plotting.js';
+import {plotlyOrNote, xy, line, baseLayout, integerAxis, logAxis, maxOf, emptyNote, draw} from './plotting.js';
 import {addOverlay, timelineFigure, eventToggles, setEventCounts} from './events.js';
 
 const TRAIN = '#1f77b4';  // blue
@@ -120,13 +120,8 @@ function updateLrList(container, scalars) {
  * @return {Promise<void>}
  */
 export async function updateCharts(container, scalars, theme, uirevision, overlay, onPick) {
-  let Plotly;
-  try {
-    Plotly = await loadPlotly();
-  } catch (e) {
-    for (const el of container.querySelectorAll('.chart')) el.textContent = `Charts unavailable: ${e.message}`;
-    return;
-  }
+  const Plotly = await plotlyOrNote(container.querySelectorAll('.chart'));
+  if (!Plotly) return;
   const extra = [theme.fg, overlay.events.length, [...overlay.kinds].sort().join(), overlay.highlight];
   const epochs = maxOf(scalars && scalars.series['train/loss'] ? scalars.series['train/loss'].steps : []);
   for (const c of CHARTS) {

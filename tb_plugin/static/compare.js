@@ -3,7 +3,7 @@
 
 import {getJson, lastError} from './model.js';
 import {h, routeHref, setText, badge, setBadge, fmtNum, fmtPct} from './views.js';
-import {loadPlotly, xy, line, baseLayout, integerAxis, maxOf, emptyNote, draw} from './plotting.js';
+import {plotlyOrNote, xy, line, baseLayout, integerAxis, maxOf, emptyNote, draw} from './plotting.js';
 
 const PALETTE = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf', '#bcbd22', '#7f7f7f'];
 const TAGS = 'train/loss,val/loss,train/acc,val/acc';
@@ -35,11 +35,7 @@ export class ComparePage {
    * @param {function(): Object} theme current chart colours
    */
   constructor(runs, config, theme) {
-    this.runs = runs;
-    this.config = config;
-    this.theme = theme;
-    this.closed = false;
-    this.scalars = new Map();
+    Object.assign(this, {runs, config, theme, closed: false, scalars: new Map()});
     this.conn = h('span', {class: 'conn muted', testid: 'compare-connection'});
     this.body = h('tbody');
     this.rows = new Map(runs.map((run, i) => [run, this.row(run, PALETTE[i % PALETTE.length])]));
@@ -85,13 +81,8 @@ export class ComparePage {
       for (const [run, tr] of this.rows) this.updateRow(tr, byName.get(run));
     }
     scalars.forEach((s, i) => { if (s) this.scalars.set(this.runs[i], s); });
-    let Plotly;
-    try {
-      Plotly = await loadPlotly();
-    } catch (e) {
-      for (const c of this.charts) setText(c, `Charts unavailable: ${e.message}`);
-      return;
-    }
+    const Plotly = await plotlyOrNote(this.charts);
+    if (!Plotly) return;
     const theme = this.theme();
     for (const el of this.charts) await draw(Plotly, el, compareFigure(el.dataset.metric, this.runs, this.scalars, theme), [theme.fg]);
   }

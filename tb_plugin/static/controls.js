@@ -12,11 +12,7 @@ export class Controls {
    * @param {function(): boolean} closed whether the page has been left (late answers are dropped)
    */
   constructor(run, config, closed) {
-    this.run = run;
-    this.config = config;
-    this.closed = closed;
-    this.busy = false;
-    this.state = null;
+    Object.assign(this, {run, config, closed, busy: false, state: null});
     this.el = config.read_only ? h('div', {class: 'muted', testid: 'controls-readonly',
       text: 'Read-only mode (--tbhealth_read_only): pause, resume, stop and checkpoint are disabled here.'}) : this.build();
   }

@@ -4,7 +4,7 @@
 // shows at a glance; layers named by an open alert are outlined and marked ⚠.
 
 import {h, setText, fmtSig, fmtPct} from './views.js';
-import {loadPlotly, baseLayout, emptyNote, draw} from './plotting.js';
+import {plotlyOrNote, baseLayout, emptyNote, draw} from './plotting.js';
 
 /** The metrics of GET layers, in the order offered; `threshold` names its entry of GET config's thresholds. */
 export const METRICS = {
@@ -92,13 +92,7 @@ export class LayersView {
     const order = data && data.order === 'model' ? 'model order' : 'name order (the run did not record its model order)';
     setText(this.note, grid ? `${grid.layers.length} layers in ${order}, first layer on top; ${grid.steps.length} sampled steps`
         + (data.omitted_layers ? `; ${data.omitted_layers} more layers not shown` : '') : '');
-    let Plotly;
-    try {
-      Plotly = await loadPlotly();
-    } catch (e) {
-      setText(this.chart, `Charts unavailable: ${e.message}`);
-      return;
-    }
-    await draw(Plotly, this.chart, fig, [theme.fg, this.metric, this.chart.dataset.flagged, grid ? grid.values.length : 0]);
+    const Plotly = await plotlyOrNote([this.chart]);
+    if (Plotly) await draw(Plotly, this.chart, fig, [theme.fg, this.metric, this.chart.dataset.flagged, grid ? grid.values.length : 0]);
   }
 }

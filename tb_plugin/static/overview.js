@@ -11,10 +11,7 @@ export class Overview {
    * @param {import('./model.js').Config} config
    */
   constructor(onOpen, onCompare, config) {
-    this.onOpen = onOpen;
-    this.config = config;
-    this.closed = false;
-    this.selected = new Set();
+    Object.assign(this, {onOpen, config, closed: false, selected: new Set()});
     this.table = overviewTable();
     this.rows = new Map();
     this.status = h('div', {class: 'conn muted', testid: 'overview-connection'});

@@ -26,6 +26,19 @@ export function loadPlotly() {
   return plotlyPromise;
 }
 
+/**
+ * plotly.js, or null after writing why the charts are missing into each of `elements`.
+ * @param {Iterable<HTMLElement>} elements
+ */
+export async function plotlyOrNote(elements) {
+  try {
+    return await loadPlotly();
+  } catch (e) {
+    for (const el of elements) el.textContent = `Charts unavailable: ${e.message}`;
+    return null;
+  }
+}
+
 /** `{x, y}` of one series from the scalars route, values multiplied by `scale` (null stays a gap). */
 export function xy(series, tag, scale = 1) {
   const s = series[tag];

@@ -52,11 +52,7 @@ export class RunPage {
    * @param {function(): Object} theme current chart colours
    */
   constructor(run, config, theme) {
-    this.model = new RunModel(run);
-    this.run = run;
-    this.config = config;
-    this.theme = theme;
-    this.runConfig = null;
+    Object.assign(this, {run, config, theme, model: new RunModel(run), runConfig: null});
     this.overlay = {events: [], kinds: new Set(Object.keys(KINDS)), highlight: null};
     this.alerts = new AlertsView(run, (id) => this.showEvent(id));
     this.layers = new LayersView();
