@@ -13,8 +13,8 @@ import threading
 from importlib import resources
 
 STATIC_PACKAGE = "tbhealth_plugin"
-#: Served file name -> content type. Nothing outside this table is ever read from disk.
 _JS = "text/javascript; charset=utf-8"
+#: Served file name -> content type. Nothing outside this table is ever read from disk.
 STATIC_FILES = {
     **{name: _JS for name in (
         "index.js", "model.js", "views.js", "overview.js", "runpage.js", "controls.js", "alerts.js", "plotting.js",

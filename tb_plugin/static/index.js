@@ -93,6 +93,14 @@ function openComparison(runs) {
 /** Poll the current page until the route changes (the generation moves on). */
 async function loop(generation) {
   if (generation !== app.generation) return;
+  if (app.config.fallback) {  // GET config failed at start: the page lacks states and metric keys
+    const config = await getConfig();
+    if (!config.fallback && generation === app.generation) {
+      app.config = config;
+      route();  // rebuild the page with them
+      return;
+    }
+  }
   try {
     await app.page.poll();
   } catch (e) {

@@ -47,7 +47,7 @@ export function heatmapFigure(grid, metric, theme, flagged, threshold, uirevisio
   const lo = spec.log && finite.length ? Math.floor(Math.log10(Math.min(...finite))) : 0;
   const hi = spec.log && finite.length ? Math.ceil(Math.log10(Math.max(...finite))) : 1;
   const z = grid.values.map((row) => row.map((v) => (spec.log ? log10(v, lo) : v)));
-  const text = grid.values.map((row) => row.map((v) => (spec.log ? fmtSig(v) : fmtPct(v))));
+  const text = grid.values.map((row) => row.map((v) => (spec.log ? fmtSig(v, 4) : fmtPct(v, 2))));
   const trace = {type: 'heatmap', x: grid.steps, y: layers, z, text, hoverongaps: false,
     hovertemplate: `%{y} · step %{x}<br>${spec.label.toLowerCase()} %{text}<extra></extra>`,
     colorscale: 'Viridis', reversescale: !spec.log, zmin: lo, zmax: spec.log ? Math.max(hi, lo + 1) : 1,

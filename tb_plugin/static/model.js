@@ -93,7 +93,7 @@ export function checkpointUrl(run, name) {
 }
 
 /** Used until GET config answers: no state counts as live, so controls stay disabled. */
-const FALLBACK_CONFIG = {read_only: false, commands: [], metric_keys: [], severities: [],
+const FALLBACK_CONFIG = {fallback: true, read_only: false, commands: [], metric_keys: [], severities: [],
   states: {live: [], running: [], final: [], all: []}};
 
 /** Server settings and vocabularies (states, metric keys, severities), fetched once.
