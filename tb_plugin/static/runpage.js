@@ -189,7 +189,7 @@ export class RunPage {
     e['status-ended'].parentElement.hidden = !final;
     setText(e['status-ended'], final && s.updated_at ? `${new Date(s.updated_at * 1000).toLocaleDateString()} ${fmtClock(s.updated_at)}` : '');
     this.updateSystem(s);
-    const note = s.state === 'unresponsive'
+    const note = s.reported_state && s.state !== s.reported_state  // the reader's verdict: no heartbeat
       ? `No heartbeat for ${fmtDuration(Date.now() / 1000 - this.model.clockSkew - s.updated_at)} (last reported: ${s.reported_state}).`
       : (s.message || '');
     setText(e.message, note);
