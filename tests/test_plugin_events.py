@@ -194,8 +194,10 @@ def test_config_serves_the_vocabularies_python_defines(client):
 
 
 @slow
-def test_config_of_a_run_without_settings_uses_the_defaults(client):
-    c = get(client, "/config", run="steplr").get_json()
+def test_config_of_a_run_without_settings_uses_the_defaults(logdir, tmp_path):
+    shutil.copytree(logdir / "steplr", tmp_path / "steplr")
+    RunDir(tmp_path / "steplr").health_settings_path.unlink(missing_ok=True)  # a run from before the file existed
+    c = make_app(tmp_path).get(PREFIX + "/config", query_string={"run": "steplr"}).get_json()
     assert c["health_source"] == "defaults" and c["run"] == "steplr"
     defaults = HealthConfig()
     assert c["thresholds"]["acc_gap_points"] == pytest.approx(defaults.overfitting.acc_gap * 100)
