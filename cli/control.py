@@ -38,6 +38,8 @@ def send(command: str, rd: RunDir, *, wait: bool, timeout: float) -> int:
     except RunNotLiveError as e:
         why = "; ".join(filter(None, (e.why, NEXT_STEP.get(e.state))))
         fail(f"run {rd.path} is {e.state}: {command} not sent ({why}).", code=ExitCode.NOT_LIVE)
+    except OSError as e:  # a folder where control.jsonl belongs, a full disk
+        fail(f"cannot queue {command} for {rd.path}: {e}", code=ExitCode.FAILED)
     if not wait:
         console.print(f"{command} request {rid} sent to {rd.path}", markup=False, soft_wrap=True)
         return ExitCode.OK

@@ -176,7 +176,8 @@ class Alert(TypedDict):
 
 
 class RunSummary(TypedDict):
-    """One row of ``runs --json``. ``state`` is ``unknown`` when the status file is unreadable."""
+    """One row of ``runs --json``. ``state`` is ``unknown`` when the status file is unreadable
+    (``error`` says why)."""
 
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     run: str
@@ -196,6 +197,8 @@ class RunSummary(TypedDict):
     val_acc: Real | None
     alerts_active: Count | None
     health_score: Annotated[float, at.Ge(0), at.Le(100)] | None
+    #: Why the status could not be read (then ``state`` is ``unknown``); absent otherwise.
+    error: NotRequired[str]
 
 
 # --------------------------------------------------------------------------- validation

@@ -4,7 +4,9 @@ A checkpoint is written to a temp file in the same folder and renamed over the t
 crash or a kill during ``torch.save`` never leaves a truncated ``last.pt``: resuming always finds
 either the old file or the new one. The trainer writes them off its training thread
 (:mod:`tbhealth.training.checkpoint_writer`); a kill during a write leaves only a temp file, which
-:func:`remove_stale_temps` deletes at the next resume.
+:func:`remove_stale_temps` deletes at the next resume. Before a resume uses one, :func:`check_resume`
+makes sure the config still fits it (same model tensors, same optimizer), so a changed config is an
+error that says what changed rather than a raw size-mismatch, or a crash that marks the run failed.
 
 Names inside ``<run>/checkpoints/``:
 ``last.pt`` (end of every epoch and on stop), ``epoch-0005.pt`` (every ``every_epochs``, newest
@@ -28,6 +30,7 @@ import torch
 
 from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
 from tbhealth.run.rundir import RunDir
+from tbhealth.training.config import Config, ConfigError, Problem
 
 RESUMABLE_PREFIXES = ("last", "epoch-", "manual-")
 #: The temp file of an atomic write (tbhealth.run.files): ``.<target name>.<8 hex digits>.tmp``.
@@ -36,13 +39,18 @@ _TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
 FORMAT_VERSION = 1
 
 
+#: Mismatched tensors listed by name before the rest are counted.
+_SHOWN = 5
+
+
 class CheckpointFormatError(ValueError):
     """A checkpoint this version of tbhealth cannot resume from."""
 
 
-def save_atomic(obj: dict, path: Path) -> Path:
-    """``torch.save`` into a temp file, ``fsync``, rename over ``path``: never a half checkpoint."""
-    atomic_write(path, lambda f: torch.save(obj, f), durable=True)
+def save_atomic(obj: dict, path: Path, root: Path | None = None) -> Path:
+    """``torch.save`` into a temp file, ``fsync``, rename over ``path``: never a half checkpoint.
+    No symlink below ``root`` (the run directory) is followed."""
+    atomic_write(path, lambda f: torch.save(obj, f), durable=True, root=root)
     return path
 
 
@@ -71,6 +79,41 @@ def remove_stale_temps(*folders: Path) -> list[str]:
                 unlink_quietly(path)
                 removed.append(path.name)
     return removed
+
+
+def check_resume(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """ConfigError when the checkpoint cannot continue under ``cfg``: the model's tensors differ
+    (the model or the data's shape changed), or the optimizer or scheduler is another one."""
+    problems = _model_problems(saved.get("model"), model)
+    before = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    for section, now in (("optimizer", cfg.optimizer.name), ("scheduler", cfg.scheduler.name)):
+        then = (before.get(section) or {}).get("name")
+        if then is not None and then != now and (section == "optimizer" or saved.get(section)):
+            problems.append(Problem(f"{section}.name", f"is {now!r} but the run was started with {then!r}: its saved "
+                                                       f"{section} state belongs to {then!r}"))
+    groups = saved.get("optimizer", {}).get("param_groups") if isinstance(saved.get("optimizer"), dict) else None
+    if not problems and isinstance(groups, list) and len(groups) != len(optimizer.param_groups):
+        problems.append(Problem("optimizer", f"has {len(optimizer.param_groups)} parameter group(s), the checkpoint "
+                                             f"{len(groups)}"))
+    if problems:
+        raise ConfigError(problems, source="for --resume: it no longer fits the run's checkpoint. Resume with the "
+                                           "settings the run was started with (its config.yaml), or start a new run "
+                                           "without --resume")
+
+
+def _model_problems(state: object, model: torch.nn.Module) -> list[Problem]:
+    if not isinstance(state, dict):
+        return [Problem("model", "the checkpoint holds no model weights")]
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    then = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    diffs = [f"{k} is {list(then[k])} in the checkpoint, {list(now[k])} now" for k in now if k in then and then[k] != now[k]]
+    diffs += [f"{k} is new" for k in now if k not in then]
+    diffs += [f"{k} is gone" for k in then if k not in now]
+    if not diffs:
+        return []
+    more = f" (and {len(diffs) - _SHOWN} more)" if len(diffs) > _SHOWN else ""
+    return [Problem("model", "does not match the checkpoint (the model or the data's shape changed): "
+                             + "; ".join(diffs[:_SHOWN]) + more)]
 
 
 def rng_state() -> dict:
@@ -111,7 +154,7 @@ class CheckpointManager:
 
     def save(self, state: dict, kind: str, *, epoch: int = 0, step: int = 0) -> Path:
         """Write ``state`` as ``kind`` (last, epoch, best, manual) and rotate epoch files."""
-        path = save_atomic(state, self.path_for(kind, epoch=epoch, step=step))
+        path = save_atomic(state, self.path_for(kind, epoch=epoch, step=step), root=self.run.path)
         if kind == "epoch":
             self.rotate()
         return path

@@ -123,8 +123,8 @@ class _Task:
 class CheckpointWriter:
     """Writes checkpoints on a background thread, in order, one serialisation in flight."""
 
-    def __init__(self, name: str = "tbhealth-checkpoints"):
-        self._name = name
+    def __init__(self, root: Path | None = None, name: str = "tbhealth-checkpoints"):
+        self._root, self._name = root, name  # root: no symlink below it is followed (the run directory)
         self._staging = HostStaging()
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -193,7 +193,7 @@ class CheckpointWriter:
     def _run(self) -> None:
         while (task := self._queue.get()) is not None:
             try:
-                path = self._link(task) if task.source is not None else self._write(task)
+                path = self._link(task, self._root) if task.source is not None else self._write(task, self._root)
             except BaseException as e:  # noqa: BLE001 - the future carries it to whoever waits
                 task.state = None
                 task.future.set_exception(e)
@@ -202,19 +202,19 @@ class CheckpointWriter:
                 task.future.set_result(path)
 
     @staticmethod
-    def _write(task: _Task) -> Path:
+    def _write(task: _Task, root: Path | None) -> Path:
         for event in task.events:  # the device-to-host copies have landed
             event.synchronize()
         if task.before_commit is not None:
             task.before_commit(task.state)
-        atomic_write(task.path, lambda f: torch.save(task.state, f), durable=True)
+        atomic_write(task.path, lambda f: torch.save(task.state, f), durable=True, root=root)
         return task.path
 
     @staticmethod
-    def _link(task: _Task) -> Path:
+    def _link(task: _Task, root: Path | None) -> Path:
         source = task.source.future.result()  # done already: tasks run in order; raises if it failed
         if source != task.path:
-            link_atomic(source, task.path)
+            link_atomic(source, task.path, root)
         return task.path
 
 
@@ -222,7 +222,7 @@ def _failed(future: Future) -> bool:
     return future.done() and (future.cancelled() or future.exception() is not None)
 
 
-def link_atomic(source: Path, target: Path) -> None:
+def link_atomic(source: Path, target: Path, root: Path | None = None) -> None:
     """Make ``target`` another name of ``source``'s file, atomically and durably; a copy where the
     file system has no hard links. A kill leaves ``target`` as it was (and at most a temp file)."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
@@ -230,7 +230,7 @@ def link_atomic(source: Path, target: Path) -> None:
         os.link(source, tmp)
     except OSError:  # no hard links here (some network and FUSE file systems): copy
         with open(source, "rb") as src:
-            atomic_write(target, lambda f: shutil.copyfileobj(src, f, 1 << 20), durable=True)
+            atomic_write(target, lambda f: shutil.copyfileobj(src, f, 1 << 20), durable=True, root=root)
         return
     try:
         os.replace(tmp, target)

@@ -105,7 +105,7 @@ class Trainer:
         self.amp_dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.ckpts = ckpt.CheckpointManager(self.run, keep_last=cfg.checkpoint.keep_last)
-        self.writer = CheckpointWriter()  # rank 0's checkpoints, written off the training thread
+        self.writer = CheckpointWriter(self.run.path)  # rank 0's checkpoints, written off the training thread
         self.best: float | None = None
         self._skip = 0  # samples of the first epoch already trained before a mid-epoch resume
         if saved:
@@ -318,6 +318,7 @@ class Trainer:
         return ckpt.load(path, map_location="cpu")  # load_state_dict moves tensors to the model's device
 
     def _restore(self, state: dict) -> None:
+        ckpt.check_resume(state, self.model, self.optimizer, self.cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
