@@ -146,3 +146,24 @@ def test_a_checkpoint_without_an_events_position_touches_nothing(tmp_path):
     size = writer.path.stat().st_size
     assert drop_orphaned_scalars(tmp_path, None) == 0
     assert writer.path.stat().st_size == size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_state_is_copied_to_pinned_buffers_without_a_sync_on_the_training_thread(tmp_path):
+    """On a GPU the snapshot is non-blocking copies into pinned memory plus one event: the training
+    thread launches more work at once (here: changes the weights), the file still holds the values
+    of the save, and the host buffers are pinned."""
+    model = torch.nn.Linear(256, 256).cuda()
+    before = {k: v.cpu() for k, v in model.state_dict().items()}
+    writer = CheckpointWriter()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync below raises
+    try:
+        future = writer.save({"model": model.state_dict()}, tmp_path / "g.pt")
+        with torch.no_grad():
+            model.weight.mul_(0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    future.result(60)
+    assert all(b.is_pinned() for b in writer._staging._buffers.values())
+    saved = torch.load(tmp_path / "g.pt", weights_only=False)
+    assert all(torch.equal(saved["model"][k], v) for k, v in before.items())
