@@ -29,7 +29,8 @@ class ExitCode(IntEnum):
     USAGE = 2  # invalid config, arguments or run name
     NOT_LIVE = 3  # a control request to a run that is not live
     TIMEOUT = 4  # no acknowledgement in time
-    ABORTED = 130  # a second Ctrl-C
+    ABORTED = 130  # a second Ctrl-C, or Ctrl-C during set-up (128 + SIGINT)
+    TERMINATED = 143  # SIGTERM during set-up (128 + SIGTERM)
 
 LogdirOpt = Annotated[
     Path,

@@ -125,6 +125,7 @@ class Monitor:
         self._channel = ControlChannel(self.run) if lead else None  # rank 0 reads requests, every rank obeys
         self._controller = Controller(p, log=log, sink=self.sink, channel=self._channel, dist=dist,
                                       save=self._checkpoint, poke=self._heartbeat.poke, run_path=self.run_dir)
+        self.sink.writes.on_disk_full = self._controller.request_stop  # nothing more fits: stop, checkpoint if it can
         self.sums = EpochSums(dist)
         self._readings = Readings(p, self.sums, self.sink, model=model, health=self.health,
                                   judge=self.health if lead else None, dist=dist, record=self._record_alerts)

@@ -276,10 +276,16 @@ def chunks(fd: int, start: int, end: int) -> Iterator[bytes]:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    """Append all of ``data`` or none of it: a write cut short (a full disk) is truncated away, so
+    the file never ends in half a record. The caller holds the file's lock."""
+    view, size = memoryview(data), os.fstat(fd).st_size
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        if len(view) < len(data):
+            os.ftruncate(fd, size)
+        raise
 
 
 __all__ = [

@@ -14,6 +14,7 @@ Layout of ``<logdir>/<run>/``::
     plugins/tbhealth/control.jsonl control requests, append-only (CLI and plugin write)
     plugins/tbhealth/acks.jsonl    acknowledgements of control requests, append-only (trainer writes)
     plugins/tbhealth/health.json   the run's health settings (thresholds, actions), written at start
+    plugins/tbhealth/layers.json   the model's measured layers in model order, written at start
 
 How each file is written (atomic snapshots, locked appends, the version ``v``, no symlink
 followed below the run directory) is :mod:`tbhealth.run.files`; what a reader accepts from a file
@@ -75,6 +76,7 @@ class RunDir:
         self.acks_path = self.state_dir / "acks.jsonl"
         self.rank_failures_path = self.state_dir / "rank_failures.jsonl"
         self.health_settings_path = self.state_dir / "health.json"
+        self.layers_path = self.state_dir / "layers.json"
         self.config_path = self.path / CONFIG_FILE
         self.checkpoint_dir = self.path / CHECKPOINT_SUBDIR
 
@@ -123,6 +125,23 @@ class RunDir:
         doc = read_json(self.health_settings_path, root=self.path)
         health = doc.get("health") if isinstance(doc, dict) else None
         return health if isinstance(health, dict) else None
+
+    # -- layers -------------------------------------------------------------------------------
+
+    def write_layers(self, names: list[str]) -> None:
+        """The names of the layers the health instruments measure, in model order
+        (``named_modules()`` order), written once at start. TensorBoard lists the per-layer series
+        ``health/<metric>/<layer>`` in an order of its own (the Rust data server's is arbitrary);
+        the Health tab's per-layer view orders its rows by this list."""
+        write_json_atomic(self.layers_path, {"v": FORMAT_VERSION, "layers": [str(n) for n in names]})
+
+    def read_layers(self) -> list[str] | None:
+        """The layer names in model order, or None when the run did not write them."""
+        doc = read_json(self.layers_path)
+        layers = doc.get("layers") if isinstance(doc, dict) else None
+        if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+            return None
+        return layers
 
     # -- log ----------------------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 A checkpoint is written to a temp file in the same folder and renamed over the target, so a
 crash or a kill during ``torch.save`` never leaves a truncated ``last.pt``: resuming always finds
-either the old file or the new one. Before a resume uses one, :func:`check_resume` makes sure the
-config still fits it (same model tensors, same optimizer), so a changed config is an error that
-says what changed rather than a raw size-mismatch, or a crash that marks the run failed.
+either the old file or the new one. The trainer writes them off its training thread
+(:mod:`tbhealth.training.checkpoint_writer`); a kill during a write leaves only a temp file, which
+:func:`remove_stale_temps` deletes at the next resume. Before a resume uses one, :func:`check_resume`
+makes sure the config still fits it (same model tensors, same optimizer), so a changed config is an
+error that says what changed rather than a raw size-mismatch, or a crash that marks the run failed.
 
 Names inside ``<run>/checkpoints/``:
 ``last.pt`` (end of every epoch and on stop), ``epoch-0005.pt`` (every ``every_epochs``, newest
@@ -19,17 +21,20 @@ failing later on a missing key.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tbhealth.run.files import atomic_write
+from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
 from tbhealth.run.rundir import RunDir
 from tbhealth.training.config import Config, ConfigError, Problem
 
 RESUMABLE_PREFIXES = ("last", "epoch-", "manual-")
+#: The temp file of an atomic write (tbhealth.run.files): ``.<target name>.<8 hex digits>.tmp``.
+_TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
 #: The layout of the dict the trainer saves; raise it when a key changes meaning or goes away.
 FORMAT_VERSION = 1
 
@@ -61,6 +66,19 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
             f"{path}: checkpoint has {what}; this tbhealth reads format {FORMAT_VERSION}. "
             "Resume it with the tbhealth version that wrote it, or start the run again without --resume.")
     return state
+
+
+def remove_stale_temps(*folders: Path) -> list[str]:
+    """Delete the temp files of atomic writes that a killed process left in ``folders`` (a
+    ``kill -9`` during ``torch.save`` leaves one the size of a checkpoint); their names. Call it
+    only when nothing else writes there: at a resume, before training."""
+    removed = []
+    for folder in folders:
+        for path in Path(folder).glob(".*" + TEMP_SUFFIX):  # a missing folder has none
+            if _TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                unlink_quietly(path)
+                removed.append(path.name)
+    return removed
 
 
 def check_resume(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
@@ -138,10 +156,11 @@ class CheckpointManager:
         """Write ``state`` as ``kind`` (last, epoch, best, manual) and rotate epoch files."""
         path = save_atomic(state, self.path_for(kind, epoch=epoch, step=step), root=self.run.path)
         if kind == "epoch":
-            self._rotate()
+            self.rotate()
         return path
 
-    def _rotate(self) -> None:
+    def rotate(self) -> None:
+        """Keep the newest ``keep_last`` periodic (``epoch-N``) checkpoints; delete the older ones."""
         epochs = sorted(self.dir.glob("epoch-*.pt"))
         for old in epochs[: max(0, len(epochs) - self.keep_last)]:
             old.unlink(missing_ok=True)
