@@ -25,7 +25,7 @@ import tensorboard
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from tbhealth.monitor.events import EventWriter
+from tbhealth.monitor.events import EventWriter, masked_crc32c
 
 TAGS = [f"layer{i:02d}/grad_norm" for i in range(20)]
 
@@ -56,6 +56,21 @@ def measure(log: Callable, writer, steps: range) -> tuple[float, float, float]:
     writer.flush()
     wall2 = time.perf_counter()
     return tuple(1e6 * x / n for x in (wall1 - wall0, cpu1 - cpu0, wall2 - wall0))
+
+
+def crc_cost(sizes: tuple[int, ...] = (12, 120, 1200, 12000), reps: int = 7, calls: int = 2000) -> dict[int, float]:
+    """Median µs per ``masked_crc32c`` call for payloads of each size (the writer thread's CRC work)."""
+    out = {}
+    for size in sizes:
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                masked_crc32c(data)
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+        out[size] = statistics.median(times)
+    return out
 
 
 def main() -> None:
@@ -96,6 +111,9 @@ def main() -> None:
     for name in names:
         caller, cpu, e2e = (statistics.median(r[i] for r in results[name]) for i in range(3))
         print(f"{name:40} {caller:8.2f} {cpu:11.2f} {e2e:11.2f} {baseline / caller:6.1f}x")
+    print("\nrecord CRC (masked CRC-32C), median µs per call:")
+    for size, us in crc_cost(reps=3 if args.quick else 7).items():
+        print(f"  {size:6d} bytes  {us:8.2f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tbhealth_cli import board, control, show, train
+from tbhealth_cli import board, control, lifecycle, show, train
 
 app = typer.Typer(
     name="tbhealth",
@@ -24,6 +24,7 @@ app.command("board")(board.board)
 
 
 def main() -> None:
+    lifecycle.owns_process = True  # the process ends with the command (see lifecycle)
     app()
 
 

@@ -29,7 +29,8 @@ class ExitCode(IntEnum):
     USAGE = 2  # invalid config, arguments or run name
     NOT_LIVE = 3  # a control request to a run that is not live
     TIMEOUT = 4  # no acknowledgement in time
-    ABORTED = 130  # a second Ctrl-C
+    ABORTED = 130  # a second Ctrl-C, or Ctrl-C during set-up (128 + SIGINT)
+    TERMINATED = 143  # SIGTERM during set-up (128 + SIGTERM)
 
 LogdirOpt = Annotated[
     Path,
@@ -50,14 +51,14 @@ def fail(message: str, code: int = ExitCode.FAILED, hint: str | None = None) -> 
 def find_run(run: str, logdir: Path) -> RunDir:
     """RUN as given on the command line: an existing directory wins, else a name under logdir."""
     direct = Path(run)
-    if (direct / STATE_SUBDIR).is_dir():
+    if os.path.isdir(direct / STATE_SUBDIR):  # os.path: a name too long for the system is just "no"
         return RunDir(direct)
     try:
         path = resolve_run(logdir, run)
     except RunNameError as e:
         fail(str(e), code=ExitCode.USAGE)
     rd = RunDir(path)
-    if not rd.state_dir.is_dir():
+    if not os.path.isdir(rd.state_dir):
         known = [run_name(logdir, p) for p in list_run_dirs(logdir)]
         hint = f"Runs under {logdir}: {', '.join(sorted(known)[:10])}" if known else (
             f"No runs under {os.fspath(logdir)!r}; pass --logdir or set TBHEALTH_LOGDIR."

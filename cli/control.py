@@ -23,7 +23,9 @@ SUMMARIES = {
     "checkpoint": "Write a checkpoint of a live run now, without stopping it; prints the file.",
 }
 
-#: What to do next with a run that is not live (added to why it is not).
+#: What to do next with a run that is not live (added to why it is not). A run's status names how
+#: its own loop continues (``resume_hint``: a Lightning or custom-loop run is not resumed with
+#: ``tbhealth train``); these are for runs whose status does not say.
 NEXT_STEP = {
     "completed": "start a new run, or continue it with `tbhealth train CONFIG --name NAME --resume --set epochs=N`",
     "stopped": "continue it with `tbhealth train CONFIG --name NAME --resume`",
@@ -31,13 +33,23 @@ NEXT_STEP = {
 }
 
 
+def next_step(rd: RunDir, state: str) -> str | None:
+    """What to do with a run that is not live, in the terms of the loop that ran it."""
+    hint = (rd.read_status() or {}).get("resume_hint") if state in ("completed", "stopped") else None
+    if not isinstance(hint, str) or not hint:
+        return NEXT_STEP.get(state)
+    return f"start a new run, or {hint}" if state == "completed" else hint
+
+
 def send(command: str, rd: RunDir, *, wait: bool, timeout: float) -> int:
     """Send ``command`` to the run in ``rd``; print the outcome; return the exit code."""
     try:
         rid = rd.send_control(command, source="cli")
     except RunNotLiveError as e:
-        why = "; ".join(filter(None, (e.why, NEXT_STEP.get(e.state))))
+        why = "; ".join(filter(None, (e.why, next_step(rd, e.state))))
         fail(f"run {rd.path} is {e.state}: {command} not sent ({why}).", code=ExitCode.NOT_LIVE)
+    except OSError as e:  # a folder where control.jsonl belongs, a full disk
+        fail(f"cannot queue {command} for {rd.path}: {e}", code=ExitCode.FAILED)
     if not wait:
         console.print(f"{command} request {rid} sent to {rd.path}", markup=False, soft_wrap=True)
         return ExitCode.OK

@@ -178,6 +178,9 @@ def format_epoch(status: dict) -> str:
     text = f"Epoch {DASH if epoch is None else epoch}/{DASH if total is None else total}"
     if batch is not None:
         text += f" – Batch {batch}/{DASH if per_epoch is None else per_epoch}"
+    step, total_steps = _int(status.get("global_step")), _int(status.get("total_steps"))
+    if total_steps is not None:  # a run planned in optimizer steps
+        text += f" – Step {DASH if step is None else step}/{total_steps}"
     return text
 
 

@@ -19,7 +19,9 @@ from tbhealth.run.names import list_run_dirs, run_name
 from tbhealth.run.rundir import RunDir
 from tbhealth.run.status import newest_first, public_alert, public_status, run_summary
 from tbhealth_cli import render
-from tbhealth_cli.common import DEFAULT_LOGDIR, ExitCode, JsonOpt, LogdirOpt, RunArg, console, fail, find_run
+from tbhealth_cli.common import (
+    DEFAULT_LOGDIR, ExitCode, JsonOpt, LogdirOpt, RunArg, console, err_console, fail, find_run,
+)
 
 LogdirArg = Annotated[
     Path,
@@ -42,7 +44,10 @@ def _display_name(rd: RunDir, logdir: Path) -> str:
 
 
 def _read_status(rd: RunDir, name: str) -> dict:
-    status = rd.read_status()
+    status, error = rd.read_status_checked()
+    if error:
+        fail(f"run {name!r} has an unreadable status: {error}", code=ExitCode.FAILED,
+             hint=f"Its other files may still tell what happened: {rd.log_path}.")
     if status is None:
         fail(
             f"run {name!r} has no readable status file yet ({rd.status_path})",
@@ -64,7 +69,12 @@ def status(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt
     if json_:
         _echo_json(public_status(st, name))
         return
-    render.print_status(console, st, name, rd.read_alerts())
+    try:
+        alerts_ = rd.read_alerts()
+    except OSError as e:
+        alerts_ = []
+        err_console.print(f"alerts not shown: {e}", markup=False, soft_wrap=True)
+    render.print_status(console, st, name, alerts_)
 
 
 def alerts(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> None:
@@ -74,7 +84,10 @@ def alerts(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt
     """
     rd = find_run(run, logdir)
     name = _display_name(rd, logdir)
-    records = sorted(rd.read_alerts(), key=lambda a: a.get("time") if isinstance(a.get("time"), (int, float)) else 0.0)
+    try:
+        records = sorted(rd.read_alerts(), key=lambda a: a.get("time") or 0.0)
+    except OSError as e:
+        fail(f"run {name!r} has an unreadable alert record: {e}", code=ExitCode.FAILED)
     if json_:
         _echo_json([public_alert(a) for a in records])
         return
@@ -82,11 +95,17 @@ def alerts(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt
 
 
 def collect_runs(logdir: Path) -> list[dict]:
-    """Summaries of every run under ``logdir``, newest first (start time, else last heartbeat)."""
-    return newest_first([
-        run_summary(run_name(logdir, path), os.fspath(path), RunDir(path).read_status())
-        for path in list_run_dirs(logdir)
-    ])
+    """Summaries of every run under ``logdir``, newest first (start time, else last heartbeat).
+
+    A run whose status cannot be read is listed as ``unknown`` with ``error`` saying why; one
+    bad run never hides the others.
+    """
+    rows = []
+    for path in list_run_dirs(logdir):
+        status, error = RunDir(path).read_status_checked()
+        row = run_summary(run_name(logdir, path), os.fspath(path), status)
+        rows.append({**row, "error": error} if error else row)
+    return newest_first(rows)
 
 
 def runs(logdir: LogdirArg = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> None:
@@ -111,6 +130,9 @@ def runs(logdir: LogdirArg = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> No
         )
         return
     render.print_runs(console, summaries)
+    for row in summaries:
+        if row.get("error"):
+            console.print(f"unreadable: {row['run']}: {row['error']}", markup=False, soft_wrap=True)
 
 
 __all__ = ["status", "alerts", "runs", "collect_runs"]

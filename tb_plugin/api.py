@@ -7,19 +7,18 @@ request raises ``ApiError`` with the HTTP status and a message that says what to
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from tbhealth.run.files import file_size, read_records
-
+from tbhealth.run.files import file_size
 from tbhealth.run.names import RunNameError, list_run_dirs, resolve_run, run_name
-
 from tbhealth.run.rundir import RunDir, RunNotLiveError
-
 from tbhealth.run.states import COMMANDS, is_live
-
 from tbhealth.run.status import json_safe, newest_first, progress_fraction, public_alert, public_status, run_summary
 
 #: Newest log records sent when a client starts from offset 0 on a long log.
@@ -60,6 +59,16 @@ def open_run(logdir: str | None, run: Any) -> tuple[RunDir, str]:
     return rd, run_name(logdir, path)
 
 
+@contextmanager
+def state_files(name: str, code: int = 404) -> Iterator[None]:
+    """A run-state file that must not be used (a symlink, a FIFO, unreadable) becomes a 4xx that
+    names the file and says why, instead of a 500: the run is damaged, the plugin is fine."""
+    try:
+        yield
+    except OSError as e:
+        raise ApiError(code, f"run {name!r}: {e}") from None
+
+
 def parse_offset(value: str | None, name: str) -> int:
     """A non-negative integer query parameter; absent means 0."""
     if value is None or value == "":
@@ -98,9 +107,10 @@ def runs_impl(logdir: str | None, now: float | None = None) -> dict:
     root = Path(logdir)
     rows = []
     for path in list_run_dirs(root):
-        status = _run_dir(path).read_status(now)
-        if status is not None:
-            rows.append(run_summary(path.relative_to(root).as_posix(), str(path), status))
+        status, error = _run_dir(path).read_status_checked(now)
+        if status is not None or error:  # no status yet: not a run to show
+            row = run_summary(path.relative_to(root).as_posix(), str(path), status)
+            rows.append(row | {"error": error} if error else row)
     return {"runs": newest_first(rows), "server_time": now}
 
 
@@ -109,7 +119,9 @@ def status_impl(logdir: str | None, run: Any, now: float | None = None) -> dict:
     server clock so the page can count the ETA down without trusting the browser's clock."""
     rd, name = open_run(logdir, run)
     now = time.time() if now is None else now
-    status = rd.read_status(now)
+    status, error = rd.read_status_checked(now)
+    if error:
+        raise ApiError(404, f"run {name!r} has an unreadable status: {error}")
     if status is None:
         raise ApiError(404, f"run {name!r} has no readable status yet; retry in a moment")
     out = public_status(status, name)
@@ -128,15 +140,13 @@ def alerts_impl(logdir: str | None, run: Any, after: int = 0) -> dict:
     after it name the episodes to resend, each in its latest merged form (a resolved alert
     comes back with ``resolved: true``). A cursor past the end (a replaced file) starts over.
     """
-    rd, _ = open_run(logdir, run)
+    rd, name = open_run(logdir, run)
     size = file_size(rd.alerts_path)
     if after > size:
         after = 0
-    records, cursor = read_records(rd.alerts_path, after)
-    changed = {r.get("id") for r in records if "_malformed" not in r}
-    if not changed:
-        return {"alerts": [], "cursor": cursor}
-    merged = [a for a in rd.read_alerts() if a.get("id") in changed]
+    with state_files(name):
+        changed, cursor = rd.alert_ids_after(after)
+        merged = [a for a in rd.read_alerts() if a["id"] in changed] if changed else []
     return {"alerts": [public_alert(a) for a in merged], "cursor": cursor}
 
 
@@ -144,14 +154,14 @@ def logs_impl(logdir: str | None, run: Any, offset: int = 0) -> dict:
     """Log records written since byte ``offset`` and the offset to ask from next time.
 
     A first request on a long log gets only the newest ``MAX_LOG_RECORDS`` (``skipped`` says how
-    many were left out): the page shows a tail, not days of history.
+    many lines were left out): the page shows a tail, not days of history, and the file is read
+    from its end, so a 40 MB log costs its last 1000 lines, not a parse of 40 MB.
     """
-    rd, _ = open_run(logdir, run)
+    rd, name = open_run(logdir, run)
     if offset > file_size(rd.log_path):
         offset = 0
-    records, new_offset = rd.read_log(offset)
-    skipped = max(0, len(records) - MAX_LOG_RECORDS)
-    records = records[skipped:]
+    with state_files(name):
+        records, new_offset, skipped = rd.read_log_tail(offset, MAX_LOG_RECORDS)
     records = [json_safe({k: v for k, v in r.items() if k != "v"}) for r in records]
     return {"records": records, "offset": new_offset, "skipped": skipped}
 
@@ -159,20 +169,19 @@ def logs_impl(logdir: str | None, run: Any, offset: int = 0) -> dict:
 # --------------------------------------------------------------------------- checkpoints and control
 
 
-def checkpoint_impl(logdir: str | None, run: Any, name: Any) -> Path:
-    """The checkpoint file to stream; only ever one that ``RunDir.checkpoint_file`` vouches for."""
+def checkpoint_impl(logdir: str | None, run: Any, name: Any) -> tuple[IO[bytes], int]:
+    """The checkpoint to stream, opened once (no symlink followed, a regular file) and its size
+    from that same descriptor: a file swapped for a link meanwhile cannot be what is sent."""
     rd, run_name = open_run(logdir, run)
     if not isinstance(name, str) or not name:
         raise ApiError(400, "missing parameter 'name' (a checkpoint file name such as 'epoch-3.pt')")
     if len(name) > 255:
         raise ApiError(400, "checkpoint name longer than 255 characters")
-    try:
-        path = rd.checkpoint_file(name)
-    except OSError:  # a name the filesystem rejects
-        path = None
-    if path is None or rd.path.resolve() not in path.resolve().parents:
+    fd = rd.open_checkpoint(name)
+    if fd is None:
         raise ApiError(404, f"run {run_name!r} has no checkpoint {name[:100]!r}")
-    return path
+    size = os.fstat(fd).st_size
+    return os.fdopen(fd, "rb"), size
 
 
 def control_impl(logdir: str | None, body: Any, read_only: bool) -> dict:
@@ -186,7 +195,8 @@ def control_impl(logdir: str | None, body: Any, read_only: bool) -> dict:
         raise ApiError(400, f"unknown command {str(command)[:40]!r}; allowed: {', '.join(COMMANDS)}")
     rd, name = open_run(logdir, body.get("run"))
     try:
-        rid = rd.send_control(command, source="tensorboard")
+        with state_files(name, code=409):
+            rid = rd.send_control(command, source="tensorboard")
     except RunNotLiveError as e:
         raise ApiError(409, f"run {name!r} is {e.state} ({e.why}): only a starting, training or paused "
                             f"run can {command}") from None
@@ -211,14 +221,16 @@ def ack_impl(logdir: str | None, run: Any, request_id: Any) -> dict:
     rd, name = open_run(logdir, run)
     if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
         raise ApiError(400, "parameter 'id' must be the id returned by POST control")
-    ack = rd.read_acks().get(request_id)
+    with state_files(name):
+        ack = rd.read_acks().get(request_id)
     if ack is not None:
         out = {"id": request_id, "status": ack.get("status", "done"), "detail": ack.get("detail", "")}
         checkpoint = _checkpoint_name(rd, ack)
         if checkpoint:
             out["checkpoint"] = checkpoint
         return out
-    requests, _ = rd.read_control(0)
+    with state_files(name):
+        requests, _ = rd.read_control(0)
     if not any(r.id == request_id for r in requests):
         raise ApiError(404, f"run {name!r} has no control request {request_id!r}")
     status = rd.read_status()

@@ -13,17 +13,17 @@ import threading
 from importlib import resources
 
 STATIC_PACKAGE = "tbhealth_plugin"
+_JS = "text/javascript; charset=utf-8"
 #: Served file name -> content type. Nothing outside this table is ever read from disk.
 STATIC_FILES = {
-    "index.js": "text/javascript; charset=utf-8",
-    "model.js": "text/javascript; charset=utf-8",
-    "views.js": "text/javascript; charset=utf-8",
-    "runpage.js": "text/javascript; charset=utf-8",
-    "charts.js": "text/javascript; charset=utf-8",
+    **{name: _JS for name in (
+        "index.js", "model.js", "views.js", "overview.js", "runpage.js", "controls.js", "alerts.js", "plotting.js",
+        "charts.js", "events.js", "layers.js", "compare.js",
+    )},
     "style.css": "text/css; charset=utf-8",
 }
 PLOTLY_FILE = "plotly.min.js"
-PLOTLY_CONTENT_TYPE = "text/javascript; charset=utf-8"
+PLOTLY_CONTENT_TYPE = _JS
 
 _lock = threading.Lock()
 _cache: dict[str, bytes] = {}

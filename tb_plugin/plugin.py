@@ -24,8 +24,7 @@ logger = logging.getLogger(__name__)
 
 try:  # a broken install must hide the tab, not stop TensorBoard (an ImportError here would)
     from tbhealth.run.names import list_run_dirs
-    from tbhealth.run.states import COMMANDS, STALE_AFTER_S
-    from tbhealth_plugin import api, assets, guards, scalars
+    from tbhealth_plugin import api, assets, config, events, guards, layers, scalars
 except Exception as _e:  # noqa: BLE001
     IMPORT_ERROR: Exception | None = _e
 else:
@@ -42,6 +41,8 @@ ROUTE_CHECKPOINT = "/checkpoint"
 ROUTE_CONTROL = "/control"
 ROUTE_ACK = "/ack"
 ROUTE_CONFIG = "/config"
+ROUTE_EVENTS = "/events"
+ROUTE_LAYERS = "/layers"
 ROUTE_PLOTLY = "/plotly.min.js"
 
 #: How long ``is_active`` trusts its last look at the logdir.
@@ -147,6 +148,8 @@ class HealthPlugin(base_plugin.TBPlugin):
             ROUTE_CONTROL: self._serve_control,
             ROUTE_ACK: self._serve_ack,
             ROUTE_CONFIG: self._serve_config,
+            ROUTE_EVENTS: self._serve_events,
+            ROUTE_LAYERS: self._serve_layers,
             ROUTE_PLOTLY: self._serve_plotly,
         }
         for name in assets.STATIC_FILES:
@@ -218,12 +221,11 @@ class HealthPlugin(base_plugin.TBPlugin):
     @_handler()
     def _serve_checkpoint(self, request):
         _require_get(request)
-        path = api.checkpoint_impl(self._logdir, request.args.get("run"), request.args.get("name"))
-        f = open(path, "rb")
-        size = path.stat().st_size
+        name = request.args.get("name")
+        f, size = api.checkpoint_impl(self._logdir, request.args.get("run"), name)
         headers = [
             ("Content-Length", str(size)),
-            ("Content-Disposition", f'attachment; filename="{path.name}"'),
+            ("Content-Disposition", f'attachment; filename="{name}"'),
             ("X-Content-Type-Options", "nosniff"),
             ("Cache-Control", "no-store"),
         ]
@@ -246,7 +248,7 @@ class HealthPlugin(base_plugin.TBPlugin):
             raise api.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise api.ApiError(400, 'body is not valid JSON; send {"run": "...", "command": "..."}') from None
         return self._json(request, api.control_impl(self._logdir, body, self._read_only))
 
@@ -258,13 +260,35 @@ class HealthPlugin(base_plugin.TBPlugin):
     @_handler()
     def _serve_config(self, request):
         _require_get(request)
-        return self._json(request, {
-            "read_only": self._read_only,
-            "reload_interval_s": self._reload_interval,
-            "stale_after_s": STALE_AFTER_S,
-            "commands": list(COMMANDS),
-            "logdir_set": bool(self._logdir),
-        })
+        return self._json(request, config.config_impl(
+            self._logdir, request.args.get("run"), read_only=self._read_only, reload_interval=self._reload_interval))
+
+    def _provider_reads(self, request) -> tuple[Callable, Callable]:
+        """``list_tags(run)`` and ``read_series(run, tags, downsample)`` bound to this request's
+        experiment: what the route modules read TensorBoard's scalars through."""
+        ctx = plugin_util.context(request.environ)
+        eid = plugin_util.experiment_id(request.environ)
+
+        def list_tags(run):
+            return scalars.list_tags(self._provider, ctx, eid, run)
+
+        def read_series(run, tags, downsample=scalars.DOWNSAMPLE):
+            return scalars.read_series(self._provider, ctx, eid, run, tags, downsample)
+
+        return list_tags, read_series
+
+    @_handler()
+    def _serve_events(self, request):
+        _require_get(request)
+        _, read_series = self._provider_reads(request)
+        return self._json(request, events.events_impl(self._logdir, request.args.get("run"), read_series))
+
+    @_handler()
+    def _serve_layers(self, request):
+        _require_get(request)
+        metrics = layers.parse_metrics(request.args.get("metrics"))
+        list_tags, read_series = self._provider_reads(request)
+        return self._json(request, layers.layers_impl(self._logdir, request.args.get("run"), list_tags, read_series, metrics))
 
     # -- frontend files -------------------------------------------------------------------------
 

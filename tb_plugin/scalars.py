@@ -24,6 +24,8 @@ DOWNSAMPLE = 1000
 MAX_TAGS = 64
 #: A drop smaller than this fraction is float noise, not a reduction.
 _MIN_DROP = 1e-6
+#: Below this many decimals an LR is written out (0.00005); beyond, in e-notation (1.8e-19).
+MAX_LR_DECIMALS = 6
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -32,12 +34,17 @@ def finite_or_none(value: Any) -> float | None:
 
 
 def format_lr(value: float) -> str:
-    """``0.0005`` not ``5e-04``: short, and what users typed in their config."""
+    """``0.0005`` not ``5e-04`` (short, and what users typed in their config), but ``1.8e-19``
+    where the plain form would need more than ``MAX_LR_DECIMALS`` decimals: never ``0`` for a
+    rate that is not zero, however many times a scheduler has cut it."""
     text = f"{value:.6g}"
     if "e" in text:
         mantissa, exp = text.split("e")
-        digits = max(0, -int(exp) + len(mantissa.replace("-", "").replace(".", "")) - 1)
-        text = f"{value:.{min(digits, 12)}f}".rstrip("0").rstrip(".")
+        digits = -int(exp) + len(mantissa.replace("-", "").replace(".", "")) - 1
+        if 0 <= digits <= MAX_LR_DECIMALS:
+            text = f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        else:
+            text = f"{value:.3g}".replace("e-0", "e-").replace("e+0", "e+")
     return text
 
 
@@ -90,6 +97,42 @@ def pick_tags(tags: Sequence[str], patterns: Sequence[str] | None = None) -> tup
     return chosen, len(wanted) - len(chosen)
 
 
+def _ask(data_provider: Any, method: str, ctx: Any, experiment_id: str, run: str,
+         tags: Sequence[str] | None = None, **kwargs: Any) -> dict:
+    """One call of the data provider about one run's scalar series (all its tags, or ``tags``)."""
+    if data_provider is None:
+        raise ApiError(503, "TensorBoard has no data provider; scalars are unavailable")
+    found = getattr(data_provider, method)(
+        ctx, experiment_id=experiment_id, plugin_name=SCALARS_PLUGIN,
+        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=None if tags is None else list(tags)), **kwargs)
+    return (found or {}).get(run, {})
+
+
+def read_series(data_provider: Any, ctx: Any, experiment_id: str, run: str, tags: Sequence[str],
+                downsample: int = DOWNSAMPLE) -> dict[str, dict]:
+    """``{tag: {steps, values, wall_times}}`` for those of ``tags`` the run has, in ``tags`` order.
+
+    ``run`` must already be validated (``api.open_run``). At most ``downsample`` points per
+    series (TensorBoard keeps the last one); non-finite values become None.
+    """
+    loaded = _ask(data_provider, "read_scalars", ctx, experiment_id, run, tags, downsample=downsample) if tags else {}
+    series: dict[str, dict] = {}
+    for tag in tags:
+        points = loaded.get(tag)
+        if points is not None:
+            series[tag] = {
+                "steps": [p.step for p in points],
+                "values": [finite_or_none(p.value) for p in points],
+                "wall_times": [p.wall_time for p in points],
+            }
+    return series
+
+
+def list_tags(data_provider: Any, ctx: Any, experiment_id: str, run: str) -> list[str]:
+    """Every scalar tag TensorBoard has loaded for ``run`` (none before its first reload)."""
+    return list(_ask(data_provider, "list_scalars", ctx, experiment_id, run))
+
+
 def scalars_impl(data_provider: Any, ctx: Any, experiment_id: str, run: str,
                  patterns: Sequence[str] | None = None) -> dict:
     """``{series: {tag: {steps, values, wall_times}}, lr_reductions, omitted}`` for one run.
@@ -98,37 +141,11 @@ def scalars_impl(data_provider: Any, ctx: Any, experiment_id: str, run: str,
     has no series: the page shows empty charts until the next reload. ``lr_reductions`` needs
     the ``lr`` series, so it is read whenever ``patterns`` leaves it out.
     """
-    if data_provider is None:
-        raise ApiError(503, "TensorBoard has no data provider; scalars are unavailable")
-    listing = data_provider.list_scalars(
-        ctx,
-        experiment_id=experiment_id,
-        plugin_name=SCALARS_PLUGIN,
-        run_tag_filter=tb_provider.RunTagFilter(runs=[run]),
-    )
-    available = list((listing or {}).get(run, {}))
+    available = list_tags(data_provider, ctx, experiment_id, run)
     tags, omitted = pick_tags(available, patterns)
     if "lr" in available and "lr" not in tags:
         tags.append("lr")
-    series: dict[str, dict] = {}
-    if tags:
-        data = data_provider.read_scalars(
-            ctx,
-            experiment_id=experiment_id,
-            plugin_name=SCALARS_PLUGIN,
-            downsample=DOWNSAMPLE,
-            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tags),
-        )
-        loaded = (data or {}).get(run, {})
-        for tag in tags:  # key series first, as picked
-            points = loaded.get(tag)
-            if points is None:
-                continue
-            series[tag] = {
-                "steps": [p.step for p in points],
-                "values": [finite_or_none(p.value) for p in points],
-                "wall_times": [p.wall_time for p in points],
-            }
+    series = read_series(data_provider, ctx, experiment_id, run, tags)
     lr = series.get("lr")
     reductions = lr_reductions(lr["steps"], lr["values"]) if lr else []
     if patterns is not None and not _matches("lr", patterns):
@@ -136,4 +153,7 @@ def scalars_impl(data_provider: Any, ctx: Any, experiment_id: str, run: str,
     return {"run": run, "series": series, "lr_reductions": reductions, "omitted": omitted}
 
 
-__all__ = ["KEY_TAGS", "lr_reductions", "format_lr", "parse_tag_filter", "pick_tags", "scalars_impl", "finite_or_none"]
+__all__ = [
+    "KEY_TAGS", "lr_reductions", "format_lr", "parse_tag_filter", "pick_tags", "scalars_impl", "finite_or_none",
+    "read_series", "list_tags",
+]

@@ -3,6 +3,7 @@ TensorBoard process. Nothing here fakes a component; it only starts the real one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -214,3 +215,87 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> str:
             proc.wait(5)
     out = proc.stdout.read() if proc.stdout else ""
     return out or ""
+
+
+# --------------------------------------------------------------------------- runs the Health tab's views are about
+
+VANISHING = REPO / "examples" / "vanishing.yaml"
+DIVERGE = REPO / "examples" / "diverge.yaml"
+#: 20 sigmoid layers: the first ~13 layers' gradients vanish (one rule, many layers).
+VANISHING_20 = ("model.kwargs.hidden=[" + ",".join(["32"] * 20) + "]",)
+#: StepLR cutting the rate every epoch for 34 epochs: 33 reductions, down to ~1e-21.
+MANY_LR_CUTS = ("epochs=34", "scheduler.kwargs.step_size=1", "scheduler.kwargs.gamma=0.28")
+#: A learning rate that kills units and gradients (alerts) on a run that is paused, resumed and
+#: checkpointed while the LR falls every 2 epochs: every kind of event.
+EVENTFUL = ("optimizer.lr=0.5", "scheduler.kwargs.step_size=2", "scheduler.kwargs.gamma=0.5", "logging.every_steps=2")
+
+
+def eventful_run(logdir: Path, name: str = "eventful") -> Path:
+    """A real training steered like a user would: pause, resume, checkpoint, then stop."""
+    proc = start_live(logdir, name, *EVENTFUL)
+    try:
+        wait_for(lambda: (RunDir(logdir / name).read_status() or {}).get("epoch", 0) >= 3, 120, f"{name} in epoch 3")
+        for command in ("pause", "resume", "checkpoint"):
+            assert control_and_wait(logdir, name, command)["status"] == "done", command
+        wait_for(lambda: (RunDir(logdir / name).read_status() or {}).get("epoch", 0) >= 6, 120, f"{name} in epoch 6")
+        assert control_and_wait(logdir, name, "stop")["status"] == "done"
+        proc.wait(60)
+    finally:
+        end_live(proc, logdir, name)
+    return logdir / name
+
+
+def tab_runs(tmp_path_factory) -> Path:
+    """A logdir with the runs the tab's views are about, trained once per session:
+    ``vanishing20``, ``steplr`` (33 LR reductions), ``diverged`` (stopped by the divergence
+    rule) and ``eventful`` (alerts, controls and LR changes)."""
+    if "tab" not in _shared:
+        logdir = tmp_path_factory.mktemp("tab")
+        procs = [start_training(logdir, "vanishing20", *VANISHING_20, config=VANISHING),
+                 start_training(logdir, "steplr", *MANY_LR_CUTS)]
+        eventful_run(logdir)
+        procs.append(start_training(logdir, "diverged", config=DIVERGE))
+        for proc in procs:
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"training exited {proc.returncode}:\n{out}"
+        _shared["tab"] = logdir
+    return _shared["tab"]
+
+
+# --------------------------------------------------------------------------- the tab in headless Chromium
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def frame(page):
+    return page.frame_locator("iframe")
+
+
+def tid(name: str) -> str:
+    return f'[data-testid="{name}"]'
+
+
+def row(page, run: str):
+    return frame(page).locator(f'{tid("run-row")}[data-run="{run}"]')
+
+
+def shoot(page, name: str, height: int = 1000) -> None:
+    """Screenshot with a viewport tall enough that the tab's iframe shows everything."""
+    page.mouse.move(1, height - 1)  # no hover effects (Plotly's mode bar) in the picture
+    page.set_viewport_size({"width": 1400, "height": height})
+    page.wait_for_timeout(1500)  # Plotly relayouts on resize
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+@contextlib.contextmanager
+def evidence(page, name: str):
+    """On failure, leave a screenshot of what the browser showed in test-artifacts/."""
+    try:
+        yield
+    except BaseException:
+        page.screenshot(path=str(ARTIFACTS / f"failed-{name}.png"), full_page=True)
+        raise

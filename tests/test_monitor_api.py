@@ -107,6 +107,14 @@ def test_custom_loop_example_obeys_checkpoint_and_stop(tmp_path):
             proc.wait(10)
     s = RunDir(tmp_path / "custom-loop").read_status()
     assert s["state"] == "stopped" and s["interventions"]["checkpoints"] == 1, s
+    # --resume: Monitor(resume_state=...) continues the same run folder, to the end
+    resumed = subprocess.run([sys.executable, str(CUSTOM_LOOP), "--logdir", str(tmp_path), "--epochs",
+                              str(s["epochs_done"] + 1), "--resume", ack["path"]], capture_output=True, text=True,
+                             timeout=180, cwd=REPO, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["custom-loop"]
+    s = RunDir(tmp_path / "custom-loop").read_status()
+    assert (s["state"], s["epochs_done"], s["interventions"]["stops"]) == ("completed", s["total_epochs"], 1)
 
 
 # --------------------------------------------------------------------------- Monitor in this process

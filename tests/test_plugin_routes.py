@@ -204,7 +204,7 @@ def test_scalars_series_and_lr_reductions_from_tensorboard(client):
 @pytest.mark.parametrize("tags, expected", [
     ("train/*", {"train/loss", "train/acc"}),
     ("val/loss,lr", {"val/loss", "lr"}),
-    ("step/*", {"step/loss", "step/grad_norm"}),
+    ("step/*", {"step/loss", "step/grad_norm", "step/lr"}),
     ("nothing/*", set()),
 ])
 def test_scalars_tag_filter_keeps_lr_reductions(client, tags, expected):
@@ -313,11 +313,13 @@ def test_config_reports_read_only(logdir):
     assert make_app(logdir, "--tbhealth_read_only").get(PREFIX + "/config").get_json()["read_only"] is True
 
 
-@pytest.mark.parametrize("route", ["/runs", "/status", "/alerts", "/logs", "/scalars", "/checkpoint", "/ack", "/config"])
+@pytest.mark.parametrize("route", ["/runs", "/status", "/alerts", "/logs", "/scalars", "/checkpoint", "/ack", "/config",
+                                   "/events", "/layers"])
 @pytest.mark.parametrize("params", [
     {"run": "r1", "after": "1e9", "offset": "0x10", "id": "", "name": ""},
     {"run": "\u2603", "offset": "\u00b2"},
     {"run": "r1/../../..", "after": "99999999999999999999"},
+    {"run": "r1", "metrics": "grad_norm,\u2603"},
 ])
 def test_bad_input_is_never_a_500(client, route, params):
     r = get(client, route, **params)

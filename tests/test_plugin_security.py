@@ -25,7 +25,7 @@ HOSTILE_RUNS = [
 ]
 HOSTILE_CHECKPOINTS = ["../../../etc/passwd", "/etc/passwd", "..", ".hidden.pt", "last.pt/..", "..%2flast.pt",
                        "x.pt\x00", "escape.pt", "a" * 3000 + ".pt", "../config.yaml"]
-FILE_ROUTES = ["/status", "/alerts", "/logs", "/scalars", "/checkpoint", "/ack"]
+FILE_ROUTES = ["/status", "/alerts", "/logs", "/scalars", "/checkpoint", "/ack", "/events", "/layers", "/config"]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,8 @@ def test_well_formed_requests_are_accepted(live, headers):
 
 def test_get_routes_refuse_foreign_hosts(logdir):
     client = make_app(logdir)
-    for route in ("/runs", "/status?run=r1", "/checkpoint?run=r1&name=last.pt", "/logs?run=r1"):
+    for route in ("/runs", "/status?run=r1", "/checkpoint?run=r1&name=last.pt", "/logs?run=r1", "/events?run=r1",
+                  "/layers?run=r1", "/config?run=r1", "/config"):
         r = client.get(PREFIX + route, headers={"Host": "evil.example:6006"})
         assert r.status_code == 403, route
     assert client.get(PREFIX + "/runs", headers={"Host": "10.1.2.3:6006"}).status_code == 200

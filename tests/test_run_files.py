@@ -260,7 +260,14 @@ def test_resolve_run_accepts_plain_names(tmp_path):
     assert resolve_run(tmp_path, ".") == base
     assert resolve_run(tmp_path, "mnist") == base / "mnist"
     assert resolve_run(tmp_path, "sweep/lr=0.1@2") == base / "sweep" / "lr=0.1@2"
-    assert resolve_run(tmp_path, "x" * 512) == base / ("x" * 512)
+    assert resolve_run(tmp_path, "x" * 255) == base / ("x" * 255)
+    assert resolve_run(tmp_path, "/".join(["y" * 255] * 2)) == base / ("y" * 255) / ("y" * 255)
+
+
+@pytest.mark.parametrize("name", ["x" * 256, "a/" + "x" * 256, "x" * 513])
+def test_resolve_run_refuses_parts_no_filesystem_can_hold(tmp_path, name):
+    with pytest.raises(RunNameError):
+        resolve_run(tmp_path, name)
 
 
 def test_symlink_out_of_the_logdir_is_refused(tmp_path):

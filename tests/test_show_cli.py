@@ -186,7 +186,7 @@ def test_nan_loss_is_strict_json_and_shown(tmp_path):
 
 def test_partial_status_renders_without_a_traceback(tmp_path):
     rd = RunDir(tmp_path / "odd")
-    write_json_atomic(rd.status_path, {"state": "training", "updated_at": time.time(), "epoch": "three"})
+    write_json_atomic(rd.status_path, {"state": "training", "updated_at": time.time()})
     result = invoke("status", "odd", "--logdir", str(tmp_path))
     assert result.exit_code == 0
     assert "TRAINING" in result.stdout and "Epoch —/—" in result.stdout
@@ -194,6 +194,14 @@ def test_partial_status_renders_without_a_traceback(tmp_path):
     assert json.loads(result.stdout)["state"] == "training"
     with pytest.raises(SchemaError, match="epoch"):
         validate_status(json.loads(result.stdout))
+
+
+def test_a_mistyped_status_field_is_named_not_a_traceback(tmp_path):
+    rd = RunDir(tmp_path / "odd")
+    write_json_atomic(rd.status_path, {"state": "training", "updated_at": time.time(), "epoch": "three"})
+    result = invoke("status", "odd", "--logdir", str(tmp_path))
+    assert result.exit_code == 1
+    assert "epoch is 'three', expected a whole number" in " ".join(result.output.split())
 
 
 def test_missing_status_file_says_what_to_do(tmp_path):

@@ -1,100 +1,50 @@
-// Plotly charts of the run page: loss, accuracy, learning rate (log axis, reductions marked) and
-// per-step loss / gradient norm. plotly.js is served by the plugin itself (no CDN: offline
-// machines, and the iframe's CSP allows only same-origin scripts).
+// The run page's curves: loss, accuracy, learning rate (log axis, changes marked) and per-step
+// loss / gradient norm, with the run's events on them, plus the events timeline and the list of
+// LR changes. Figures are pure functions of the routes' answers; updateCharts draws them.
 
-import {h} from './views.js';
+import {h, setText} from './views.js';
+import {plotlyOrNote, xy, line, baseLayout, integerAxis, logAxis, maxOf, emptyNote, draw} from './plotting.js';
+import {addOverlay, timelineFigure, eventToggles, setEventCounts} from './events.js';
 
 const TRAIN = '#1f77b4';  // blue
 const VAL = '#d62728';    // red
 const LR = '#9467bd';
 const GRAD = '#8c564b';
-/** Reduction labels stand at least this share of the x range apart, so they never overlap;
- * every reduction keeps its line, its marker and its hover text. */
-const LABEL_SPACING = 1 / 10;
-/** Reductions listed under the chart, newest last. */
-const MAX_LISTED = 8;
 
-/** Log axes label only 1, 2 and 5 of each decade, in short form (0.002, 5e-5). */
-const LOG_AXIS = {type: 'log', dtick: 'D2', tickformat: '~g'};
-
-let plotlyPromise = null;
-
-/** Load plotly.min.js once, as a classic script (it defines window.Plotly). */
-export function loadPlotly() {
-  if (window.Plotly) return Promise.resolve(window.Plotly);
-  if (!plotlyPromise) {
-    plotlyPromise = new Promise((resolve, reject) => {
-      const s = document.createElement('script');
-      s.src = 'plotly.min.js';
-      s.onload = () => resolve(window.Plotly);
-      s.onerror = () => { plotlyPromise = null; reject(new Error('could not load plotly.min.js')); };
-      document.head.append(s);
-    });
-  }
-  return plotlyPromise;
-}
-
+/** Which x each chart has: epochs (events placed by `epoch_x`) or global steps (by `step`). */
 export const CHARTS = [
-  {id: 'loss', title: 'Loss'},
-  {id: 'acc', title: 'Accuracy'},
-  {id: 'lr', title: 'Learning rate'},
-  {id: 'steps', title: 'Per-step loss and gradient norm'},
+  {id: 'loss', title: 'Loss', x: 'epoch_x', events: true},
+  {id: 'acc', title: 'Accuracy', x: 'epoch_x', events: true},
+  {id: 'lr', title: 'Learning rate', x: 'epoch_x', events: false},
+  {id: 'steps', title: 'Per-step loss and gradient norm', x: 'step', events: true},
 ];
 
-/** The chart grid: one card per chart, plus the textual list of LR reductions. */
-export function chartsSection() {
-  return h('div', {class: 'charts'},
-      CHARTS.map((c) => h('div', {class: 'chart-card'},
-          h('div', {class: 'chart', testid: `chart-${c.id}`, 'data-chart': c.id},
-              h('div', {class: 'chart-placeholder muted', text: 'Loading charts…'})),
-          c.id === 'lr' ? h('ul', {class: 'lr-reductions', testid: 'lr-reductions'}) : null)));
+/**
+ * What the charts draw besides the series: the run's events, which kinds show, and the id of
+ * the event picked from an alert's "show on chart" link or a click on the timeline.
+ * @typedef {{events: Object[], kinds: Set<string>, highlight: ?string}} Overlay
+ */
+
+/**
+ * The curves section: event toggles, the chart grid, the timeline, the list of LR changes.
+ * @param {Overlay} overlay changed in place by the toggles
+ * @param {function()} onToggle redraw after a toggle
+ */
+export function chartsSection(overlay, onToggle) {
+  const lrList = h('details', {class: 'lr-changes', testid: 'lr-changes'},
+      h('summary', {testid: 'lr-changes-summary'}), h('ul', {class: 'lr-reductions', testid: 'lr-reductions'}));
+  return h('div', {class: 'charts-wrap'},
+      eventToggles(overlay.kinds, onToggle),
+      h('div', {class: 'charts'},
+          CHARTS.map((c) => h('div', {class: 'chart-card'},
+              h('div', {class: 'chart', testid: `chart-${c.id}`, 'data-chart': c.id},
+                  h('div', {class: 'chart-placeholder muted', text: 'Loading charts…'})),
+              c.id === 'lr' ? lrList : null))),
+      h('div', {class: 'chart-card timeline-card'},
+          h('div', {class: 'chart timeline', testid: 'chart-timeline', 'data-chart': 'timeline'})));
 }
 
-function xy(series, tag, scale = 1) {
-  const s = series[tag];
-  if (!s) return {x: [], y: []};
-  return {x: s.steps, y: s.values.map((v) => (v === null ? null : v * scale))};
-}
-
-function line(data, name, color, extra = {}) {
-  return {type: 'scatter', mode: 'lines+markers', name, x: data.x, y: data.y, line: {color, width: 2},
-    marker: {size: 4}, connectgaps: false, ...extra};
-}
-
-function baseLayout(theme, title, xTitle, uirevision) {
-  return {
-    title: {text: title, font: {size: 13}, x: 0.02, xanchor: 'left'},
-    height: 270,
-    margin: {l: 56, r: 20, t: 36, b: 40},
-    paper_bgcolor: 'rgba(0,0,0,0)',
-    plot_bgcolor: 'rgba(0,0,0,0)',
-    font: {color: theme.fg, size: 11},
-    xaxis: {title: {text: xTitle}, gridcolor: theme.grid, zerolinecolor: theme.grid},
-    yaxis: {gridcolor: theme.grid, zerolinecolor: theme.grid},
-    legend: {orientation: 'h', x: 1, xanchor: 'right', y: 1.15},
-    hovermode: 'x unified',
-    uirevision,  // keeps the user's zoom and pan across updates
-  };
-}
-
-/** The reductions to label: the first, then each one far enough from the last labelled. */
-export function spacedOut(reductions, steps) {
-  const span = steps.length ? Math.max(1, steps[steps.length - 1] - steps[0]) : 1;
-  const out = [];
-  for (const r of reductions) {
-    if (!out.length || r.epoch - out[out.length - 1].epoch >= span * LABEL_SPACING) out.push(r);
-  }
-  return out;
-}
-
-function emptyNote(layout, text) {
-  layout.annotations = [{text, xref: 'paper', yref: 'paper', x: 0.5, y: 0.5, showarrow: false,
-    font: {color: layout.font.color}}];
-  layout.xaxis.visible = false;
-  layout.yaxis.visible = false;
-}
-
-/** Plotly figure for one chart id, from the `scalars` route's answer. Pure. */
+/** Plotly figure for one chart id, from the `scalars` route's answer (events added by `addOverlay`). Pure. */
 export function figure(id, scalars, theme, uirevision) {
   const series = (scalars && scalars.series) || {};
   let traces = [];
@@ -103,76 +53,96 @@ export function figure(id, scalars, theme, uirevision) {
     const scale = id === 'acc' ? 100 : 1;
     layout = baseLayout(theme, id === 'loss' ? 'Loss' : 'Accuracy (%)', 'epoch', uirevision);
     traces = [line(xy(series, `train/${id}`, scale), 'train', TRAIN), line(xy(series, `val/${id}`, scale), 'val', VAL)];
+    Object.assign(layout.xaxis, integerAxis(maxOf(...traces.map((t) => t.x))));
   } else if (id === 'lr') {
-    layout = baseLayout(theme, 'Learning rate', 'epoch', uirevision);
-    Object.assign(layout.yaxis, LOG_AXIS);
-    const reductions = (scalars && scalars.lr_reductions) || [];
-    traces = [line(xy(series, 'lr'), 'lr', LR, {line: {color: LR, width: 2, shape: 'hv'}})];
-    if (reductions.length) {
-      traces.push({type: 'scatter', mode: 'markers', name: 'LR reduced', x: reductions.map((r) => r.epoch),
-        y: reductions.map((r) => r.to), text: reductions.map((r) => r.label), hoverinfo: 'text',
-        marker: {symbol: 'triangle-down', size: 11, color: VAL}});
-    }
-    layout.shapes = reductions.map((r) => ({type: 'line', xref: 'x', yref: 'paper', x0: r.epoch, x1: r.epoch,
-      y0: 0, y1: 1, line: {color: theme.muted, width: 1, dash: 'dash'}}));
-    // Labels run up along their line (vertical text); close neighbours are thinned out.
-    layout.annotations = spacedOut(reductions, series.lr ? series.lr.steps : []).map((r) => ({x: r.epoch,
-      xref: 'x', yref: 'paper', y: 0.02, yanchor: 'bottom', xanchor: 'right', xshift: -2, textangle: -90,
-      text: r.label, showarrow: false, font: {size: 10, color: theme.muted}}));
+    layout = lrLayout(theme, uirevision, series.lr, scalars);
+    traces = lrTraces(series.lr, (scalars && scalars.lr_reductions) || []);
   } else {
     layout = baseLayout(theme, 'Per-step loss and gradient norm', 'global step', uirevision);
     // Dense per-step series read best as plain lines; a handful of points needs its markers.
     const mode = (series['step/loss'] || {steps: []}).steps.length > 40 ? 'lines' : 'lines+markers';
     traces = [line(xy(series, 'step/loss'), 'step loss', TRAIN, {mode})];
     if (series['step/grad_norm']) {
-      traces.push(line(xy(series, 'step/grad_norm'), 'grad norm', GRAD, {mode, yaxis: 'y2'}));
-      layout.yaxis2 = {overlaying: 'y', side: 'right', showgrid: false, title: {text: 'grad norm'}, ...LOG_AXIS};
-      layout.margin.r = 56;
+      const grad = xy(series, 'step/grad_norm');
+      traces.push(line(grad, 'grad norm', GRAD, {mode, yaxis: 'y2'}));
+      layout.yaxis2 = {overlaying: 'y', side: 'right', showgrid: false, title: {text: 'grad norm'}, ...logAxis(grad.y)};
+      layout.margin.r = 60;
     }
+    Object.assign(layout.xaxis, integerAxis(maxOf(traces[0].x)));
   }
-  if (traces.every((t) => !t.x.length)) {
-    emptyNote(layout, 'No data yet');
-  }
+  if (traces.every((t) => !t.x.length)) emptyNote(layout, 'No data yet');
   return {traces, layout};
 }
 
-/** A cheap fingerprint of what a chart shows, so an unchanged chart is not redrawn. */
-function signature(fig, theme) {
-  return JSON.stringify([theme.fg, fig.traces.map((t) => [t.x.length, t.x[t.x.length - 1], t.y[t.y.length - 1]]),
-    (fig.layout.shapes || []).length]);
+function lrLayout(theme, uirevision, lr, scalars) {
+  const layout = baseLayout(theme, 'Learning rate', 'epoch', uirevision);
+  Object.assign(layout.yaxis, logAxis(lr ? lr.values : []));
+  Object.assign(layout.xaxis, integerAxis(maxOf(lr ? lr.steps : [])));
+  layout.hovermode = 'closest';
+  return layout;
 }
 
 /**
- * Draw or update every chart in `container` (Plotly.react updates in place).
+ * The LR as a staircase over each epoch's span (epoch k spans (k-1, k], as the events do: a
+ * change shows at the boundary where it took effect), each reduction a small marker there whose
+ * hover says what changed: no text on the chart, however many there are.
+ */
+function lrTraces(lr, reductions) {
+  const steps = lr ? lr.steps : [];
+  const values = lr ? lr.values : [];
+  const stairs = {x: steps.length ? [steps[0] - 1, ...steps] : [], y: values.length ? [values[0], ...values] : []};
+  const traces = [line(stairs, 'lr', LR, {line: {color: LR, width: 2, shape: 'vh'}, marker: {size: 4},
+    text: stairs.x.map((x, i) => `epoch ${i ? x : x + 1}`), hovertemplate: '%{text}: LR %{y:.3~g}<extra></extra>'})];
+  if (reductions.length) {
+    traces.push({type: 'scatter', mode: 'markers', name: 'LR reduced', x: reductions.map((r) => r.epoch - 1),
+      y: reductions.map((r) => r.to), text: reductions.map((r) => r.label), hovertemplate: '%{text}<extra></extra>',
+      marker: {symbol: 'triangle-down', size: 9, color: VAL}});
+  }
+  return traces;
+}
+
+/** The list of LR changes under the LR chart: collapsed, its summary counts them. */
+function updateLrList(container, scalars) {
+  const details = container.querySelector('[data-testid="lr-changes"]');
+  const all = ((scalars && scalars.lr_reductions) || []).map((r) => r.label);
+  details.hidden = !all.length;
+  const list = details.querySelector('ul');
+  if (list.dataset.labels === all.join('|')) return;
+  list.dataset.labels = all.join('|');
+  setText(details.querySelector('summary'), `${all.length} LR reduction${all.length === 1 ? '' : 's'}`);
+  list.replaceChildren(...all.map((t) => h('li', {testid: 'lr-reduction', text: t})));
+}
+
+/**
+ * Draw or update every chart in `container` (Plotly.react updates in place) and the timeline.
+ * `onPick(id)` is called with the event a user clicks in the timeline or on a chart's strip.
+ * @param {Overlay} overlay
  * @return {Promise<void>}
  */
-export async function updateCharts(container, scalars, theme, uirevision) {
-  let Plotly;
-  try {
-    Plotly = await loadPlotly();
-  } catch (e) {
-    for (const el of container.querySelectorAll('.chart')) el.textContent = `Charts unavailable: ${e.message}`;
-    return;
+export async function updateCharts(container, scalars, theme, uirevision, overlay, onPick) {
+  const Plotly = await plotlyOrNote(container.querySelectorAll('.chart'));
+  if (!Plotly) return;
+  const extra = [theme.fg, overlay.events.length, [...overlay.kinds].sort().join(), overlay.highlight];
+  const epochs = maxOf(scalars && scalars.series['train/loss'] ? scalars.series['train/loss'].steps : []);
+  for (const c of CHARTS) {
+    const el = container.querySelector(`[data-chart="${c.id}"]`);
+    const fig = figure(c.id, scalars, theme, uirevision);
+    if (c.events) addOverlay(fig, overlay.events, c.x, overlay.kinds, overlay.highlight);
+    if (await draw(Plotly, el, fig, extra)) listenForPicks(el, onPick);
   }
-  for (const el of container.querySelectorAll('.chart')) {
-    const fig = figure(el.dataset.chart, scalars, theme, uirevision);
-    const sig = signature(fig, theme);
-    if (el.dataset.signature === sig) continue;
-    el.dataset.signature = sig;
-    const placeholder = el.querySelector('.chart-placeholder');
-    if (placeholder) placeholder.remove();
-    await Plotly.react(el, fig.traces, fig.layout,
-        {responsive: true, displaylogo: false, modeBarButtonsToRemove: ['lasso2d', 'select2d']});
-  }
-  const list = container.querySelector('[data-testid="lr-reductions"]');
-  if (list) {
-    const all = ((scalars && scalars.lr_reductions) || []).map((r) => r.label);
-    const labels = all.slice(-MAX_LISTED);
-    if (list.dataset.labels !== all.join('|')) {
-      list.dataset.labels = all.join('|');
-      const earlier = all.length - labels.length;
-      list.replaceChildren(...(earlier ? [h('li', {class: 'muted', text: `${earlier} earlier reduction${earlier === 1 ? '' : 's'}…`})] : []),
-          ...labels.map((t) => h('li', {testid: 'lr-reduction', text: t})));
-    }
-  }
+  const timeline = container.querySelector('[data-chart="timeline"]');
+  const fig = timelineFigure(overlay.events, overlay.kinds, theme, overlay.highlight, uirevision, epochs);
+  if (await draw(Plotly, timeline, fig, extra)) listenForPicks(timeline, onPick);
+  container.dataset.highlight = overlay.highlight || '';
+  setEventCounts(container, overlay.events);
+  updateLrList(container, scalars);
+}
+
+function listenForPicks(el, onPick) {
+  if (el.dataset.picks || !el.on) return;
+  el.dataset.picks = '1';
+  el.on('plotly_click', (data) => {
+    const id = data && data.points && data.points[0] && data.points[0].customdata;
+    if (typeof id === 'string') onPick(id);
+  });
 }

@@ -1,12 +1,15 @@
 // Entry point of the Health tab. TensorBoard loads this module in an iframe and calls render().
 //
-// Routing lives in the iframe's own URL hash (`#run=NAME` opens a run, empty shows the overview),
-// so the browser's back button and reloads work without touching TensorBoard's own URL. The page
-// polls every POLL_MS; a new poll starts only after the previous one finished.
+// Routing lives in the iframe's own URL hash (`#run=NAME` opens a run, `#compare=A,B` compares
+// runs, empty shows the overview), so the browser's back button and reloads work without touching
+// TensorBoard's own URL. The page polls every POLL_MS; a new poll starts only after the previous
+// one finished.
 
-import {getJson, getConfig, lastError} from './model.js';
-import {h, setText, overviewTable, overviewRow, updateOverviewRow} from './views.js';
+import {getConfig} from './model.js';
+import {h} from './views.js';
+import {Overview} from './overview.js';
 import {RunPage} from './runpage.js';
+import {ComparePage} from './compare.js';
 
 const POLL_MS = 2000;
 
@@ -54,22 +57,26 @@ export function chartTheme() {
 
 // ------------------------------------------------------------------------------ routing
 
-function currentRun() {
-  const m = /^#run=(.+)$/.exec(location.hash);
-  if (!m) return null;
+/** What the hash asks for: {run}, {compare: [runs]} or {} (the overview). */
+function currentRoute() {
+  const m = /^#(run|compare)=(.+)$/.exec(location.hash);
+  if (!m) return {};
   try {
-    return decodeURIComponent(m[1]);
+    if (m[1] === 'run') return {run: decodeURIComponent(m[2])};
+    return {compare: m[2].split(',').map(decodeURIComponent).filter(Boolean)};
   } catch (e) {
-    return null;
+    return {};
   }
 }
 
 function route() {
-  const run = currentRun();
+  const where = currentRoute();
   app.generation += 1;
   clearTimeout(app.timer);
   if (app.page && app.page.destroy) app.page.destroy();
-  app.page = run === null ? new Overview(openRun) : new RunPage(run, app.config, chartTheme);
+  if (where.run !== undefined) app.page = new RunPage(where.run, app.config, chartTheme);
+  else if (where.compare) app.page = new ComparePage(where.compare, app.config, chartTheme);
+  else app.page = new Overview(openRun, openComparison, app.config);
   app.root.replaceChildren(app.page.el);
   window.scrollTo(0, 0);
   loop(app.generation);
@@ -79,9 +86,21 @@ function openRun(run) {
   location.hash = `#run=${encodeURIComponent(run)}`;
 }
 
+function openComparison(runs) {
+  location.hash = `#compare=${runs.map(encodeURIComponent).join(',')}`;
+}
+
 /** Poll the current page until the route changes (the generation moves on). */
 async function loop(generation) {
   if (generation !== app.generation) return;
+  if (app.config.fallback) {  // GET config failed at start: the page lacks states and metric keys
+    const config = await getConfig();
+    if (!config.fallback && generation === app.generation) {
+      app.config = config;
+      route();  // rebuild the page with them
+      return;
+    }
+  }
   try {
     await app.page.poll();
   } catch (e) {
@@ -89,53 +108,4 @@ async function loop(generation) {
   }
   if (generation !== app.generation) return;
   app.timer = setTimeout(() => loop(generation), POLL_MS);
-}
-
-// ------------------------------------------------------------------------------ overview
-
-class Overview {
-  constructor(onOpen) {
-    this.onOpen = onOpen;
-    this.closed = false;
-    this.table = overviewTable();
-    this.rows = new Map();
-    this.status = h('div', {class: 'conn muted', testid: 'overview-connection'});
-    this.empty = h('div', {class: 'empty', testid: 'overview-empty', hidden: true});
-    this.count = h('span', {class: 'muted', testid: 'run-count'});
-    this.el = h('div', {class: 'overview', testid: 'overview'},
-        h('div', {class: 'overview-header'}, h('h2', {text: 'Training runs'}), this.count, this.status),
-        this.empty, this.table);
-  }
-
-  destroy() { this.closed = true; }
-
-  async poll() {
-    const data = await getJson('runs');
-    if (this.closed) return;
-    setText(this.status, data ? '' : `Connection problem: ${lastError || 'no answer'}; retrying…`);
-    if (!data) return;
-    const runs = data.runs;
-    const serverNow = data.server_time || Date.now() / 1000;
-    setText(this.count, `${runs.length} run${runs.length === 1 ? '' : 's'}`);
-    this.empty.hidden = runs.length > 0;
-    this.table.hidden = runs.length === 0;
-    if (!runs.length) {
-      setText(this.empty, 'No tbhealth runs in this logdir yet. Start one with: tbhealth train CONFIG --logdir <this logdir>');
-    }
-    const tbody = this.table.tBodies[0];
-    const seen = new Set();
-    runs.forEach((r, i) => {
-      seen.add(r.run);
-      let tr = this.rows.get(r.run);
-      if (!tr) {
-        tr = overviewRow(r.run, this.onOpen);
-        this.rows.set(r.run, tr);
-      }
-      updateOverviewRow(tr, r, serverNow);
-      if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
-    });
-    for (const [name, tr] of this.rows) {
-      if (!seen.has(name)) { tr.remove(); this.rows.delete(name); }
-    }
-  }
 }

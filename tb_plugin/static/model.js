@@ -10,12 +10,18 @@
 /** @typedef {{id: string, rule: string, severity: string, message: string, epoch: ?number,
  *   step: ?number, time: number, layer: ?string, value: *, threshold: *, resolved: boolean}} Alert */
 /** @typedef {{time: number, level: string, message: string}} LogRecord */
+/** @typedef {{kind: string, step: ?number, epoch: ?number, epoch_x: ?number, time: ?number}} RunEvent
+ *   plus kind-specific fields (http_api.md, GET events). */
+/** @typedef {{live: string[], running: string[], final: string[], all: string[]}} States */
+/** @typedef {{read_only: boolean, commands: string[], states: States, metric_keys: string[],
+ *   severities: string[]}} Config */
 
 /** Most log records kept in memory (and on screen) per run. */
 export const MAX_LOG_RECORDS = 2000;
-export const LIVE_STATES = ['starting', 'training', 'paused'];
 /** Series the run page charts; asking for only these keeps each poll small. */
 const CHART_TAGS = 'train/loss,val/loss,train/acc,val/acc,lr,step/loss,step/grad_norm';
+/** The per-layer grids change only every sampled step and TensorBoard reload: fetched this often. */
+const LAYERS_EVERY_MS = 10000;
 
 /** Last error message seen, for the connection banner. */
 export let lastError = null;
@@ -86,13 +92,26 @@ export function checkpointUrl(run, name) {
   return `checkpoint?${new URLSearchParams({run, name}).toString()}`;
 }
 
-/** Server settings (read-only mode...), fetched once. */
+/** Used until GET config answers: no state counts as live, so controls stay disabled. */
+const FALLBACK_CONFIG = {fallback: true, read_only: false, commands: [], metric_keys: [], severities: [],
+  states: {live: [], running: [], final: [], all: []}};
+
+/** Server settings and vocabularies (states, metric keys, severities), fetched once.
+ * @return {Promise<Config>} */
 let configPromise = null;
 export function getConfig() {
   if (!configPromise) {
-    configPromise = getJson('config').then((c) => c || {read_only: false, commands: []});
+    configPromise = getJson('config').then((c) => {
+      if (!c) configPromise = null;  // ask again next time
+      return c || FALLBACK_CONFIG;
+    });
   }
   return configPromise;
+}
+
+/** One run's settings: GET config plus its health settings and `thresholds`; null on failure. */
+export function getRunConfig(run) {
+  return getJson('config', {run});
 }
 
 /**
@@ -107,6 +126,9 @@ export class RunModel {
     /** @type {?Object} */ this.scalars = null;
     /** @type {Map<string, Alert>} */ this.alerts = new Map();
     /** @type {LogRecord[]} */ this.logs = [];
+    /** @type {RunEvent[]} */ this.events = [];
+    /** @type {?Object} GET layers' answer */ this.layers = null;
+    this.layersAt = -Infinity;
     this.logOffset = 0;
     this.alertCursor = 0;
     this.skippedLogs = 0;
@@ -121,16 +143,22 @@ export class RunModel {
   close() { this.closed = true; }
 
   /**
-   * Fetch the latest status, scalars and the new logs/alerts in parallel.
+   * Fetch the latest status, scalars, events and the new logs/alerts in parallel (the layer
+   * grids every LAYERS_EVERY_MS, and only while `wantLayers`).
+   * @param {boolean} wantLayers
    * @return {Promise<?{newLogs: LogRecord[], changedAlerts: Alert[]}>} null when stale or failed.
    */
-  async refresh() {
+  async refresh(wantLayers = true) {
     const run = this.run;
-    const [status, scalars, alerts, logs] = await Promise.all([
+    const layersDue = wantLayers && performance.now() - this.layersAt >= LAYERS_EVERY_MS;
+    if (layersDue) this.layersAt = performance.now();
+    const [status, scalars, alerts, logs, events, layers] = await Promise.all([
       getJson('status', {run}),
       getJson('scalars', {run, tags: CHART_TAGS}),
       getJson('alerts', {run, after: this.alertCursor}),
       getJson('logs', {run, offset: this.logOffset}),
+      getJson('events', {run}),
+      layersDue ? getJson('layers', {run}) : null,
     ]);
     if (this.closed) return null;  // a response for a run no longer on screen
     this.ok = status !== null;
@@ -139,6 +167,9 @@ export class RunModel {
       this.clockSkew = Date.now() / 1000 - (status.server_time || Date.now() / 1000);
     }
     if (scalars) this.scalars = scalars;
+    if (events) this.setEvents(events.events);
+    if (layers) this.layers = layers;
+    else if (layersDue) this.layersAt = -Infinity;  // failed: try again next poll
     let changedAlerts = [];
     if (alerts) {
       if (alerts.cursor < this.alertCursor) this.alerts.clear();  // the file was replaced
@@ -159,21 +190,23 @@ export class RunModel {
     return {newLogs, changedAlerts};
   }
 
+  /** Keep the same event objects while the answer is the same: the charts' hover texts are
+   * built once per event object (events.js), and hundreds of them cost a redraw's worth. */
+  setEvents(events) {
+    const json = JSON.stringify(events);
+    if (json === this.eventsJson) return;
+    this.eventsJson = json;
+    this.events = events;
+  }
+
   resetLogs() {
     this.logs = [];
     this.counts = {WARNING: 0, ERROR: 0};
   }
 
-  /** Active (unresolved) alerts, most severe first. */
+  /** Active (unresolved) alerts, in no particular order (alerts.js groups and sorts them). */
   activeAlerts() {
-    const rank = {critical: 0, warning: 1, info: 2};
-    return [...this.alerts.values()]
-        .filter((a) => !a.resolved)
-        .sort((a, b) => (rank[a.severity] ?? 3) - (rank[b.severity] ?? 3) || (b.time || 0) - (a.time || 0));
-  }
-
-  isLive() {
-    return !!this.status && LIVE_STATES.includes(this.status.state);
+    return [...this.alerts.values()].filter((a) => !a.resolved);
   }
 }
 

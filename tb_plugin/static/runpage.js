@@ -1,28 +1,39 @@
-// The run page: alerts, status, progress, metric cards, charts, logs and controls of one run.
-// Built once when the run is opened; every poll updates the same elements in place.
+// The run page: alerts, status, progress, metric cards, curves with their events, the per-layer
+// view, logs and controls of one run. Built once when the run is opened; every poll updates the
+// same elements in place. State names, metric keys and thresholds come from GET config.
 
-import {RunModel, lastError, postControl, waitForAck, checkpointUrl, dismissedAlerts, dismissAlert, LIVE_STATES} from './model.js';
-import {h, routeHref, setText, badge, setBadge, bar, setBar, stat, stateTone, fmtNum, fmtPct, fmtDuration, fmtBytes,
-  fmtClock, confirmDialog} from './views.js';
+import {RunModel, getRunConfig, lastError} from './model.js';
+import {h, routeHref, setText, badge, setBadge, bar, setBar, stat, stateTone, fmtNum, fmtPct, fmtSig, fmtDuration,
+  fmtBytes, fmtClock} from './views.js';
 import {chartsSection, updateCharts} from './charts.js';
+import {KINDS} from './events.js';
+import {AlertsView} from './alerts.js';
+import {LayersView} from './layers.js';
+import {Controls} from './controls.js';
 
-/** Train–val accuracy gap (points) above which the cards flag possible overfitting. */
-const GAP_POINTS = 10;
-const CARDS = [
-  {key: 'train_loss', label: 'Train loss', higherIsBetter: false},
-  {key: 'val_loss', label: 'Val loss', higherIsBetter: false},
-  {key: 'train_acc', label: 'Train accuracy', higherIsBetter: true},
-  {key: 'val_acc', label: 'Val accuracy', higherIsBetter: true},
-];
 const LOG_LINES_SHOWN = 2000;
+/** Until the run's own settings arrive: the plateau rule's documented default. */
+const DEFAULT_FLAT = 0.001;
 
-/** Direction and colour of a metric's change: green improving, yellow flat, red worse. */
-export function trend(delta, value, higherIsBetter) {
+/** How a metric key is shown: accuracies in percent (higher is better), losses lower is better. */
+export function cardSpec(key) {
+  const words = key.split('_').map((w) => ({acc: 'accuracy', lr: 'LR'}[w] || w)).join(' ');
+  const acc = key.endsWith('_acc');
+  return {key, label: words.charAt(0).toUpperCase() + words.slice(1), acc,
+    higherIsBetter: acc ? true : key.endsWith('_loss') ? false : null};
+}
+
+/**
+ * Direction and colour of a metric's change: green improving, yellow flat, red worse, none for
+ * a metric without a better direction. Flat: a change below `flat` × the value (the plateau
+ * rule's `min_delta`: what the health engine calls no meaningful improvement).
+ */
+export function trend(delta, value, higherIsBetter, flat = DEFAULT_FLAT) {
   if (typeof delta !== 'number' || !Number.isFinite(delta)) return {tone: 'none', arrow: ''};
-  const flat = higherIsBetter ? 0.001 : Math.max(1e-4, Math.abs(typeof value === 'number' ? value : 0) * 0.002);
-  if (Math.abs(delta) <= flat) return {tone: 'flat', arrow: '▶'};
-  const improving = higherIsBetter ? delta > 0 : delta < 0;
-  return {tone: improving ? 'good' : 'bad', arrow: delta > 0 ? '▲' : '▼'};
+  const arrow = delta > 0 ? '▲' : delta < 0 ? '▼' : '▶';
+  if (Math.abs(delta) <= flat * Math.abs(typeof value === 'number' ? value : 0) || delta === 0) return {tone: 'flat', arrow: '▶'};
+  if (higherIsBetter === null) return {tone: 'none', arrow};
+  return {tone: (higherIsBetter ? delta > 0 : delta < 0) ? 'good' : 'bad', arrow};
 }
 
 function metric(status, key) {
@@ -37,20 +48,21 @@ function section(title, testid, ...children) {
 export class RunPage {
   /**
    * @param {string} run
-   * @param {{read_only: boolean}} config
+   * @param {import('./model.js').Config} config
    * @param {function(): Object} theme current chart colours
    */
   constructor(run, config, theme) {
-    this.model = new RunModel(run);
-    this.run = run;
-    this.config = config;
-    this.theme = theme;
-    this.dismissed = dismissedAlerts(run);
-    this.busy = false;
+    Object.assign(this, {run, config, theme, model: new RunModel(run), runConfig: null});
+    this.overlay = {events: [], kinds: new Set(Object.keys(KINDS)), highlight: null};
+    this.alerts = new AlertsView(run, (id) => this.showEvent(id));
+    this.layers = new LayersView();
+    this.controls = new Controls(run, config, () => this.model.closed);
     this.el = this.build();
   }
 
   destroy() { this.model.close(); }
+
+  get thresholds() { return (this.runConfig && this.runConfig.thresholds) || {}; }
 
   // ---------------------------------------------------------------------------- building
 
@@ -62,19 +74,10 @@ export class RunPage {
         h('h2', {class: 'run-title', testid: 'run-title', text: this.run}), e.badge,
         e.conn = h('span', {class: 'conn muted', testid: 'run-connection'}));
 
-    e.banners = h('div', {class: 'banners', testid: 'alert-banners'});
-    e.historyCount = h('span');
-    e.historyBody = h('tbody');
-    const history = h('details', {class: 'alert-history', testid: 'alert-history'},
-        h('summary', {}, 'Alert history ', e.historyCount),
-        h('table', {class: 'alerts-table'},
-            h('thead', {}, h('tr', {}, ['Time', 'Epoch', 'Severity', 'Rule', 'Layer', 'Message', 'Status'].map((t) => h('th', {text: t})))),
-            e.historyBody));
-
     const cells = [
       ['Epoch', 'status-epoch'], ['Elapsed', 'status-elapsed'], ['ETA', 'status-eta'], ['Health score', 'status-health'],
-      ['CPU', 'status-cpu'], ['RAM', 'status-ram'], ['Disk I/O', 'status-disk'],
-    ].map(([label, id]) => { const [w, v] = stat(label, id); e[id] = v; return w; });
+      ['Ended', 'status-ended'], ['CPU', 'status-cpu'], ['RAM', 'status-ram'], ['Disk I/O', 'status-disk'],
+    ].map(([label, id]) => { const [w, v] = stat(label, id); e[id] = v; w.dataset.stat = id; return w; });
     e.gpuBar = bar('gpu-bar');
     e.gpuText = h('span', {class: 'stat-value', testid: 'status-gpu'});
     const gpu = h('div', {class: 'stat stat-wide'}, h('span', {class: 'stat-label', text: 'GPU memory'}), e.gpuBar, e.gpuText);
@@ -89,17 +92,19 @@ export class RunPage {
         h('div', {class: 'progress-row'}, h('span', {class: 'progress-name', text: 'Overall'}), e.overall, e.overallLabel),
         h('div', {class: 'progress-row'}, h('span', {class: 'progress-name', text: 'This epoch'}), e.epochBar, e.epochLabel));
 
-    e.cards = CARDS.map((c) => {
+    e.cards = this.config.metric_keys.map((key) => {
+      const c = cardSpec(key);
       const value = h('div', {class: 'card-value', testid: 'card-value'});
       const delta = h('div', {class: 'card-delta', testid: 'card-delta'});
-      const card = h('div', {class: 'card', testid: `card-${c.key.replace('_', '-')}`}, h('div', {class: 'card-label', text: c.label}), value, delta);
+      const card = h('div', {class: 'card', testid: `card-${key.replace(/_/g, '-')}`}, h('div', {class: 'card-label', text: c.label}), value, delta);
       return {...c, card, value, delta};
     });
     e.gap = h('div', {class: 'gap-flag', testid: 'acc-gap', hidden: true});
     const cards = section('Metrics', 'section-cards', h('div', {class: 'cards'}, e.cards.map((c) => c.card)), e.gap);
 
-    e.charts = chartsSection();
-    const charts = section('Curves', 'section-charts', e.charts);
+    e.charts = chartsSection(this.overlay, () => this.redrawCharts());
+    e.chartsSection = section('Curves and events', 'section-charts', e.charts);
+    const layers = section('Layers', 'section-layers', this.layers.el);
 
     e.warnCount = h('span', {class: 'count tone-warn', testid: 'log-warnings'});
     e.errCount = h('span', {class: 'count tone-bad', testid: 'log-errors'});
@@ -107,42 +112,57 @@ export class RunPage {
     e.logNote = h('div', {class: 'muted small', testid: 'logs-note'});
     const logs = section('Logs', 'section-logs', h('div', {class: 'log-counts'}, e.warnCount, e.errCount), e.logs, e.logNote);
 
-    const controls = section('Controls', 'section-controls', this.buildControls());
-    return h('div', {class: 'run-page', testid: 'run-page'}, header, e.banners, history, status, progress, cards, charts, logs, controls);
-  }
-
-  buildControls() {
-    const e = this.els;
-    if (this.config.read_only) {
-      return h('div', {class: 'muted', testid: 'controls-readonly',
-        text: 'Read-only mode (--tbhealth_read_only): pause, resume, stop and checkpoint are disabled here.'});
-    }
-    e.pause = h('button', {class: 'btn tone-warn', testid: 'btn-pause', text: 'Pause', onClick: () => this.control('pause')});
-    e.resume = h('button', {class: 'btn tone-warn', testid: 'btn-resume', text: 'Resume', onClick: () => this.control('resume')});
-    e.stop = h('button', {class: 'btn tone-bad', testid: 'btn-stop', text: 'Stop', onClick: () => this.confirmStop()});
-    e.save = h('button', {class: 'btn tone-accent', testid: 'btn-checkpoint', text: 'Save checkpoint', onClick: () => this.control('checkpoint')});
-    e.outcome = h('div', {class: 'control-outcome', testid: 'control-outcome', role: 'status'});
-    e.download = h('div', {class: 'checkpoint-download', testid: 'checkpoint-download'});
-    return h('div', {class: 'controls', testid: 'controls'}, h('div', {class: 'buttons'}, e.pause, e.resume, e.stop, e.save), e.outcome, e.download);
+    const controls = section('Controls', 'section-controls', this.controls.el);
+    return h('div', {class: 'run-page', testid: 'run-page'}, header, this.alerts.banners, this.alerts.history, status, progress,
+        cards, e.chartsSection, layers, logs, controls);
   }
 
   // ---------------------------------------------------------------------------- updating
 
-  /** Fetch and show the latest state. Resolves once the page is up to date. */
+  /** Fetch and show the latest state. Resolves once the page is up to date. The time it took is
+   * recorded as the User Timing measures `tbhealth-fetch` and `tbhealth-render` (benchmarks/bench_tab.py). */
   async poll() {
-    const delta = await this.model.refresh();
+    const t0 = performance.now();
+    const [delta, runConfig] = await Promise.all([this.model.refresh(), this.runConfig ? null : getRunConfig(this.run)]);
     if (!delta) return;
+    if (runConfig) this.runConfig = runConfig;
+    const t1 = performance.now();
     const m = this.model;
     setText(this.els.conn, m.ok ? '' : `${lastError || 'connection problem'}: showing the last data received`);
     if (m.status) {
       this.updateStatus(m.status);
       this.updateCards(m.status);
-      this.updateControls(m.status);
+      this.controls.update(m.status.state, m.status.resume_hint);
     }
-    this.updateAlerts();
+    this.alerts.update(m.alerts, this.config.severities);
     this.appendLogs(delta.newLogs);
     this.tick();
-    await updateCharts(this.els.charts, m.scalars, this.theme(), this.run);
+    this.overlay.events = m.events;
+    await this.redrawCharts();
+    const flagged = new Set(m.activeAlerts().flatMap((a) => [a.layer, ...(a.layers || []).map((l) => l && l.layer)]).filter(Boolean));
+    await this.layers.update(m.layers, flagged, this.thresholds, this.theme(), this.run);
+    performance.measure('tbhealth-fetch', {start: t0, end: t1});
+    performance.measure('tbhealth-render', {start: t1, end: performance.now()});
+  }
+
+  redrawCharts() {
+    return updateCharts(this.els.charts, this.model.scalars, this.theme(), this.run, this.overlay, (id) => this.showEvent(id, false));
+  }
+
+  /**
+   * Mark the event with this id (an alert's or a control request's) on every chart. From a link
+   * (`fromLink`): mark it and scroll to the charts; from a click on a marker: mark, or unmark when
+   * it is marked already.
+   */
+  async showEvent(id, fromLink = true) {
+    this.overlay.highlight = !fromLink && this.overlay.highlight === id ? null : id;
+    const event = this.overlay.events.find((ev) => ev.id === id);
+    if (event && !this.overlay.kinds.has(event.kind)) {
+      this.overlay.kinds.add(event.kind);
+      this.els.charts.querySelector(`[data-testid="toggle-${event.kind}"]`).checked = true;
+    }
+    if (fromLink) this.els.chartsSection.scrollIntoView({behavior: 'smooth', block: 'start'});
+    await this.redrawCharts();
   }
 
   /** Called every second: the ETA counts down and elapsed time counts up between polls. */
@@ -152,7 +172,7 @@ export class RunPage {
     const serverNow = Date.now() / 1000 - this.model.clockSkew;
     const since = s.state === 'training' && s.updated_at ? Math.max(0, serverNow - s.updated_at) : 0;
     setText(this.els['status-elapsed'], fmtDuration((s.elapsed_s || 0) + since));
-    const live = LIVE_STATES.includes(s.state);
+    const live = this.config.states.live.includes(s.state);
     let eta = '—';
     if (s.state === 'completed') eta = 'done';
     else if (live && typeof s.eta_s === 'number') eta = fmtDuration(Math.max(0, s.eta_s - since)) + (s.state === 'paused' ? ' (paused)' : '');
@@ -165,22 +185,11 @@ export class RunPage {
     setBadge(e.badge, s.state);
     setText(e['status-epoch'], `${s.epoch ?? 0}/${s.total_epochs ?? '?'}`);
     setText(e['status-health'], typeof s.health_score === 'number' ? `${Math.round(s.health_score)}/100` : '—');
-    const sys = s.system || {};
-    setText(e['status-cpu'], typeof sys.cpu_percent === 'number' ? `${sys.cpu_percent.toFixed(0)} %` : '—');
-    setText(e['status-ram'], sys.ram_used_bytes == null ? '—'
-      : fmtBytes(sys.ram_used_bytes) + (sys.ram_total_bytes ? ` / ${fmtBytes(sys.ram_total_bytes)}` : ''));
-    setText(e['status-disk'], sys.disk_read_bps == null ? '—'
-      : `read ${fmtBytes(sys.disk_read_bps)}/s · write ${fmtBytes(sys.disk_write_bps)}/s`);
-    const gpu = sys.gpu;
-    e.gpuBar.hidden = !gpu;
-    if (gpu && gpu.memory_total_bytes) {
-      const f = gpu.memory_used_bytes / gpu.memory_total_bytes;
-      setBar(e.gpuBar, f, f > 0.95 ? 'bad' : f > 0.85 ? 'warn' : 'accent');
-      setText(e.gpuText, `${gpu.name}: ${fmtBytes(gpu.memory_used_bytes)} / ${fmtBytes(gpu.memory_total_bytes)} (${(f * 100).toFixed(0)} %)`);
-    } else {
-      setText(e.gpuText, 'no GPU');
-    }
-    const note = s.state === 'unresponsive'
+    const final = this.config.states.final.includes(s.state);
+    e['status-ended'].parentElement.hidden = !final;
+    setText(e['status-ended'], final && s.updated_at ? `${new Date(s.updated_at * 1000).toLocaleDateString()} ${fmtClock(s.updated_at)}` : '');
+    this.updateSystem(s);
+    const note = s.reported_state && s.state !== s.reported_state  // the reader's verdict: no heartbeat
       ? `No heartbeat for ${fmtDuration(Date.now() / 1000 - this.model.clockSkew - s.updated_at)} (last reported: ${s.reported_state}).`
       : (s.message || '');
     setText(e.message, note);
@@ -192,50 +201,52 @@ export class RunPage {
     setText(e.epochLabel, `Epoch ${s.epoch ?? 0}/${s.total_epochs ?? '?'} – Batch ${s.batch ?? 0}/${per ?? '?'}`);
   }
 
+  /** CPU, RAM, disk and GPU readings: shown only while the heartbeat is current, never the last
+   * readings of a run that has ended or stopped answering as if they were live. */
+  updateSystem(s) {
+    const e = this.els;
+    const running = this.config.states.running.includes(s.state);
+    const sys = running ? s.system || {} : {};
+    const off = this.config.states.final.includes(s.state) ? 'run ended' : 'no heartbeat';
+    const gone = (v) => (running ? v : `— (${off})`);
+    setText(e['status-cpu'], gone(typeof sys.cpu_percent === 'number' ? `${sys.cpu_percent.toFixed(0)} %` : '—'));
+    setText(e['status-ram'], gone(sys.ram_used_bytes == null ? '—'
+      : fmtBytes(sys.ram_used_bytes) + (sys.ram_total_bytes ? ` / ${fmtBytes(sys.ram_total_bytes)}` : '')));
+    setText(e['status-disk'], gone(sys.disk_read_bps == null ? '—'
+      : `read ${fmtBytes(sys.disk_read_bps)}/s · write ${fmtBytes(sys.disk_write_bps)}/s`));
+    const gpu = sys.gpu;
+    e.gpuBar.hidden = !gpu;
+    if (gpu && gpu.memory_total_bytes) {
+      const f = gpu.memory_used_bytes / gpu.memory_total_bytes;
+      const t = this.thresholds;
+      setBar(e.gpuBar, f, f > (t.gpu_memory_critical ?? 1) ? 'bad' : f > (t.gpu_memory_warning ?? 1) ? 'warn' : 'accent');
+      setText(e.gpuText, `${gpu.name}: ${fmtBytes(gpu.memory_used_bytes)} / ${fmtBytes(gpu.memory_total_bytes)} (${(f * 100).toFixed(0)} %)`);
+    } else {
+      setText(e.gpuText, running ? 'no GPU' : `— (${off})`);
+    }
+  }
+
   updateCards(s) {
+    const flat = this.thresholds.flat_change ?? DEFAULT_FLAT;
     for (const c of this.els.cards) {
       const m = metric(s, c.key);
-      const isAcc = c.key.endsWith('acc');
-      setText(c.value, isAcc ? fmtPct(m.value) : fmtNum(m.value));
-      const t = trend(m.delta, m.value, c.higherIsBetter);
-      const d = typeof m.delta === 'number' ? (isAcc ? `${m.delta >= 0 ? '+' : ''}${(m.delta * 100).toFixed(1)} pts` : `${m.delta >= 0 ? '+' : ''}${fmtNum(m.delta, 3)}`) : '';
+      setText(c.value, c.acc ? fmtPct(m.value) : c.higherIsBetter === null ? fmtSig(m.value) : fmtNum(m.value));
+      const t = trend(m.delta, m.value, c.higherIsBetter, flat);
+      const sign = typeof m.delta === 'number' && m.delta >= 0 ? '+' : '';
+      const d = typeof m.delta !== 'number' ? '' : c.acc ? `${sign}${(m.delta * 100).toFixed(1)} pts`
+        : `${sign}${c.higherIsBetter === null ? fmtSig(m.delta) : fmtNum(m.delta, 3)}`;
       setText(c.delta, d ? `${t.arrow} ${d}` : 'no change yet');
       c.card.className = `card trend-${t.tone}`;
       c.card.dataset.trend = t.tone;
     }
-    const tr = metric(s, 'train_acc').value, va = metric(s, 'val_acc').value;
-    const gap = typeof tr === 'number' && typeof va === 'number' ? (tr - va) * 100 : null;
-    const flagged = gap !== null && gap > GAP_POINTS;
+    // The overfitting rule's accuracy gap, with this run's threshold (train and val accuracy: the
+    // `_acc` keys, train first as GET config lists them).
+    const [train, val] = this.els.cards.filter((c) => c.acc).map((c) => metric(s, c.key).value);
+    const limit = this.thresholds.acc_gap_points;
+    const gap = typeof train === 'number' && typeof val === 'number' ? (train - val) * 100 : null;
+    const flagged = gap !== null && typeof limit === 'number' && gap > limit;
     this.els.gap.hidden = !flagged;
-    if (flagged) setText(this.els.gap, `⚠ Train–val accuracy gap ${gap.toFixed(1)} points (> ${GAP_POINTS}): the model may be overfitting.`);
-  }
-
-  updateAlerts() {
-    const e = this.els;
-    const active = this.model.activeAlerts().filter((a) => !this.dismissed.has(a.id));
-    const keep = new Set(active.map((a) => a.id));
-    for (const el of [...e.banners.children]) if (!keep.has(el.dataset.alertId)) el.remove();
-    active.forEach((a, i) => {
-      let el = e.banners.querySelector(`[data-alert-id="${CSS.escape(a.id)}"]`);
-      if (!el) {
-        el = h('div', {class: `banner sev-${a.severity}`, testid: 'alert-banner', 'data-alert-id': a.id, role: 'alert'},
-            h('span', {class: 'banner-text'}),
-            h('button', {class: 'banner-close', testid: 'alert-dismiss', title: 'Dismiss', 'aria-label': 'Dismiss alert', text: '×',
-              onClick: () => { dismissAlert(this.run, a.id); this.dismissed.add(a.id); el.remove(); }}));
-      }
-      setText(el.firstChild, `${a.severity.toUpperCase()} · ${a.rule}${a.layer ? ` (${a.layer})` : ''}: ${a.message}` + (a.epoch != null ? ` — epoch ${a.epoch}` : ''));
-      if (e.banners.children[i] !== el) e.banners.insertBefore(el, e.banners.children[i] || null);
-    });
-    const all = [...this.model.alerts.values()].sort((a, b) => (b.time || 0) - (a.time || 0));
-    const nActive = all.filter((a) => !a.resolved).length;
-    setText(e.historyCount, all.length ? `(${all.length}: ${nActive} active, ${all.length - nActive} resolved)` : '(none so far)');
-    const sig = all.map((a) => `${a.id}:${a.resolved}`).join('|');
-    if (e.historyBody.dataset.sig !== sig) {
-      e.historyBody.dataset.sig = sig;
-      e.historyBody.replaceChildren(...all.map((a) => h('tr', {class: a.resolved ? 'resolved' : `sev-${a.severity}`, testid: 'alert-row'},
-          h('td', {text: fmtClock(a.time)}), h('td', {text: a.epoch ?? ''}), h('td', {text: a.severity}), h('td', {text: a.rule}),
-          h('td', {text: a.layer || ''}), h('td', {text: a.message}), h('td', {text: a.resolved ? 'resolved' : 'active'}))));
-    }
+    if (flagged) setText(this.els.gap, `⚠ Train–val accuracy gap ${gap.toFixed(1)} points (> ${limit}): the model may be overfitting.`);
   }
 
   appendLogs(records) {
@@ -261,58 +272,5 @@ export class RunPage {
     setText(e.warnCount, `${warnings} warning${warnings === 1 ? '' : 's'}`);
     setText(e.errCount, `${errors} error${errors === 1 ? '' : 's'}`);
     setText(e.logNote, this.model.skippedLogs ? `${this.model.skippedLogs} older records not shown.` : (box.childElementCount ? '' : 'No log records yet.'));
-  }
-
-  updateControls(s) {
-    const e = this.els;
-    if (this.config.read_only) return;
-    const live = LIVE_STATES.includes(s.state);
-    e.pause.hidden = s.state === 'paused';
-    e.resume.hidden = s.state !== 'paused';
-    for (const b of [e.pause, e.resume, e.stop, e.save]) {
-      b.disabled = this.busy || !live;
-      b.title = live ? '' : `The run is ${s.state}: controls work only on a live run.`;
-    }
-  }
-
-  // ---------------------------------------------------------------------------- controls
-
-  async confirmStop() {
-    const ok = await confirmDialog(document.body, {
-      title: `Stop run ${this.run}?`,
-      body: 'The trainer saves a checkpoint and ends training. This cannot be undone (resume later with tbhealth train --resume).',
-      confirmText: 'Stop run', tone: 'bad', testid: 'confirm-stop',
-    });
-    if (ok) await this.control('stop');
-  }
-
-  /** Send a command, wait for the trainer's acknowledgement, show the outcome. */
-  async control(command) {
-    const e = this.els;
-    this.busy = true;
-    if (this.model.status) this.updateControls(this.model.status);
-    e.outcome.className = 'control-outcome pending';
-    setText(e.outcome, `${command}: sent, waiting for the trainer…`);
-    try {
-      const sent = await postControl(this.run, command);
-      if (sent.error) {
-        e.outcome.className = 'control-outcome tone-bad';
-        setText(e.outcome, `${command} refused: ${sent.error}`);
-        return;
-      }
-      const ack = await waitForAck(this.run, sent.id);
-      if (this.model.closed) return;
-      const done = ack.status === 'done';
-      e.outcome.className = `control-outcome ${done ? 'tone-good' : 'tone-bad'}`;
-      e.outcome.dataset.status = ack.status;
-      setText(e.outcome, `${command} ${ack.status}${ack.detail ? ': ' + ack.detail : ''}`);
-      if (done && ack.checkpoint) {
-        e.download.replaceChildren(h('a', {href: checkpointUrl(this.run, ack.checkpoint), download: ack.checkpoint,
-          testid: 'checkpoint-link', class: 'btn tone-accent', text: `Download ${ack.checkpoint}`}));
-      }
-    } finally {
-      this.busy = false;
-      if (this.model.status) this.updateControls(this.model.status);
-    }
   }
 }

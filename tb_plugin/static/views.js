@@ -52,6 +52,17 @@ export function fmtNum(v, digits = 4) {
   return Number(v.toPrecision(digits)).toString();
 }
 
+/**
+ * A number to `digits` significant digits, in e-notation when tiny or huge (1.8e-19, never 0):
+ * for learning rates and gradient norms, which span many decades.
+ */
+export function fmtSig(v, digits = 3) {
+  if (typeof v !== 'number' || !Number.isFinite(v)) return fmtNum(v);
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-4 || a >= 1e6)) return v.toExponential(digits - 1).replace(/\.?0+e/, 'e').replace('e+', 'e');
+  return String(Number(v.toPrecision(digits)));
+}
+
 /** A fraction in [0, 1] as a percentage. */
 export function fmtPct(v, digits = 1) {
   if (v === null || v === undefined) return '—';
@@ -79,10 +90,12 @@ export function fmtBytes(b) {
   return `${b.toFixed(i && b < 10 ? 1 : 0)} ${units[i]}`;
 }
 
+/** One formatter for every clock time: toLocaleTimeString builds a new one per call (slow by the hundred). */
+const CLOCK = new Intl.DateTimeFormat([], {hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false});
+
 export function fmtClock(t) {
   if (!t) return '';
-  const d = new Date(t * 1000);
-  return d.toLocaleTimeString([], {hour12: false});
+  return CLOCK.format(new Date(t * 1000));
 }
 
 export function fmtAgo(seconds) {
@@ -142,7 +155,7 @@ export function stat(label, testid) {
 
 // ----------------------------------------------------------------------------- overview
 
-export const OVERVIEW_COLUMNS = ['Run', 'State', 'Epoch', 'Progress', 'ETA', 'Alerts', 'Val loss', 'Val acc', 'Health', 'Updated'];
+export const OVERVIEW_COLUMNS = ['', 'Run', 'State', 'Epoch', 'Progress', 'ETA', 'Alerts', 'Val loss', 'Val acc', 'Health', 'Updated'];
 
 export function overviewTable() {
   return h('table', {class: 'runs', testid: 'runs-table'},
@@ -150,10 +163,16 @@ export function overviewTable() {
       h('tbody'));
 }
 
-/** A row for one run; `onOpen(run)` opens its page. Fill it with `updateOverviewRow`. */
-export function overviewRow(run, onOpen) {
+/**
+ * A row for one run; `onOpen(run)` opens its page, `onSelect(run, checked)` follows its
+ * compare checkbox. Fill it with `updateOverviewRow`.
+ */
+export function overviewRow(run, onOpen, onSelect) {
   const link = h('a', {href: routeHref(`run=${encodeURIComponent(run)}`), class: 'run-link', testid: 'run-link', text: run});
+  const pick = h('input', {type: 'checkbox', class: 'run-pick', testid: 'run-select', 'aria-label': `Compare ${run}`,
+    onChange: (e) => onSelect(run, e.target.checked)});
   const tr = h('tr', {class: 'run-row', testid: 'run-row', tabindex: 0, 'data-run': run},
+      h('td', {class: 'pick'}, pick),
       h('td', {}, link),
       h('td', {}, badge(null)),
       h('td', {class: 'num', testid: 'run-epoch'}),
@@ -164,27 +183,29 @@ export function overviewRow(run, onOpen) {
       h('td', {class: 'num', testid: 'run-val-acc'}),
       h('td', {class: 'num', testid: 'run-health'}),
       h('td', {class: 'num muted', testid: 'run-updated'}));
-  tr.addEventListener('click', (e) => { if (e.target !== link) onOpen(run); });
-  tr.addEventListener('keydown', (e) => { if (e.key === 'Enter') onOpen(run); });
+  tr.addEventListener('click', (e) => { if (e.target !== link && e.target !== pick) onOpen(run); });
+  tr.addEventListener('keydown', (e) => { if (e.key === 'Enter' && e.target !== pick) onOpen(run); });
   return tr;
 }
 
-/** @param {HTMLElement} tr @param {Object} r a RunSummary @param {number} serverNow */
-export function updateOverviewRow(tr, r, serverNow) {
+/**
+ * @param {HTMLElement} tr @param {Object} r a RunSummary @param {number} serverNow
+ * @param {string[]} liveStates states that still have an ETA (GET config)
+ */
+export function updateOverviewRow(tr, r, serverNow, liveStates) {
   const cells = tr.children;
-  setBadge(cells[1].firstChild, r.state);
-  setText(cells[2], r.epoch === null ? '—' : `${r.epoch}/${r.total_epochs ?? '?'}`);
-  setBar(cells[3].firstChild.firstChild, r.progress, stateTone(r.state) === 'bad' ? 'bad' : 'accent');
-  setText(cells[3].firstChild.lastChild, r.progress === null ? '' : `${Math.floor(r.progress * 100)} %`);
-  const live = ['training', 'starting', 'paused'].includes(r.state);
-  setText(cells[4], live ? fmtDuration(r.eta_s) : '—');
+  setBadge(cells[2].firstChild, r.state);
+  setText(cells[3], r.epoch === null ? '—' : `${r.epoch}/${r.total_epochs ?? '?'}`);
+  setBar(cells[4].firstChild.firstChild, r.progress, stateTone(r.state) === 'bad' ? 'bad' : 'accent');
+  setText(cells[4].firstChild.lastChild, r.progress === null ? '' : `${Math.floor(r.progress * 100)} %`);
+  setText(cells[5], liveStates.includes(r.state) ? fmtDuration(r.eta_s) : '—');
   const n = r.alerts_active || 0;
-  setText(cells[5], n ? `⚠ ${n}` : '0');
-  cells[5].className = `num${n ? ' has-alerts' : ''}`;
-  setText(cells[6], fmtNum(r.val_loss));
-  setText(cells[7], fmtPct(r.val_acc));
-  setText(cells[8], r.health_score === null || r.health_score === undefined ? '—' : Math.round(r.health_score));
-  setText(cells[9], r.updated_at ? fmtAgo(serverNow - r.updated_at) : '—');
+  setText(cells[6], n ? `⚠ ${n}` : '0');
+  cells[6].className = `num${n ? ' has-alerts' : ''}`;
+  setText(cells[7], fmtNum(r.val_loss));
+  setText(cells[8], fmtPct(r.val_acc));
+  setText(cells[9], r.health_score === null || r.health_score === undefined ? '—' : Math.round(r.health_score));
+  setText(cells[10], r.updated_at ? fmtAgo(serverNow - r.updated_at) : '—');
 }
 
 // ----------------------------------------------------------------------------- dialogs

@@ -56,6 +56,7 @@ class HealthWatch:
         self._first_loss: torch.Tensor | None = None  # the run's first step loss, on the device until read
         self._sampling = False  # the coming (or current) step is sampled
         self._probed = False  # the first sample also counted functional activations
+        self._captured = False  # this sampled step's gradients were taken by gradients_ready()
         self.training_thread: int | None = None  # whose stack a stall shows
         self._dense, self._every = self.cfg.dense_steps, self.cfg.every_steps  # plain ints: read every step
 
@@ -99,13 +100,22 @@ class HealthWatch:
             self.instruments.arm(probe=not self._probed)
             self._sampling = True
 
+    def gradients_ready(self) -> None:
+        """On a sampled step, take the per-layer gradient norms now (after backward and
+        ``unscale_``, before clipping) rather than at the step's end, after clipping; the last
+        call before the step's end counts."""
+        if self.armed:
+            self.instruments.capture_gradients()
+            self._captured = True
+
     def read_sample(self, reported: torch.Tensor | None = None) -> dict:
         """A sampled step just finished: read this process's instruments (one sync). ``reported``:
         the norm the loop passed to ``Monitor.step`` (pre-clip), read in the same transfer."""
         inst = self.instruments
         inst.disarm()
-        inst.capture_gradients()
-        self._sampling = False
+        if not self._captured:
+            inst.capture_gradients()
+        self._captured = self._sampling = False
         sample = inst.read(reported)
         if not self._probed:
             self._probed = True

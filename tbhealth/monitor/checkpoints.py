@@ -10,16 +10,28 @@ A function may also return a ``concurrent.futures.Future`` of the file instead o
 write then goes on in the background (or in the framework that owns checkpoints) and the
 monitor acknowledges a ``checkpoint`` request only once the future says the file is on disk; a
 stop waits for it before the loop is told to leave.
+
+Whatever writes the file, it should never leave half of one behind (a kill, a full disk):
+:func:`save_atomic` (``torch.save``) and :func:`atomic_path` (for a writer that takes a path,
+such as Lightning's ``trainer.save_checkpoint``) write a temp file, ``fsync`` it and rename it
+into place, the semantics of :func:`tbhealth.run.files.atomic_write`. :func:`plain` makes the
+monitor's state JSON-safe for frameworks that keep it in a JSON file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
+import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Iterator, Union
+
+import torch
 
 from tbhealth.monitor.progress import Progress
+from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
 
 #: What a checkpoint function returns: the file written, or a future of it (a write in flight).
 Written = Union[Path, "Future[Path]"]
@@ -58,3 +70,60 @@ def takes_state(fn: Callable | None) -> bool:
         return False
     positional = [q for q in params if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 2 or any(q.kind == q.VAR_POSITIONAL for q in params)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """``torch.save(obj)`` into a temp file next to ``path``, ``fsync``, rename over ``path``: a
+    reader (or a resume after a crash) finds the old file or the new one, never half of one. No
+    symlink below ``root`` (the run directory) is followed."""
+    path = Path(path)
+    atomic_write(path, lambda f: torch.save(obj, f), durable=True, root=root)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path for a writer that wants a file name; renamed over ``path`` (after ``fsync``)
+    when the block ends without an exception and the writer wrote it. Nothing is renamed when it
+    wrote nothing (under DDP only rank 0's save writes); an exception leaves no temp file behind.
+
+        with atomic_path(run_checkpoints / "manual.ckpt") as tmp:
+            trainer.save_checkpoint(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+    try:
+        yield tmp
+        if tmp.exists():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_folder(path.parent)
+    finally:
+        unlink_quietly(tmp)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable, where the platform can ``fsync`` a folder."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with tensors as numbers (or lists), tuples as lists and paths as strings: what
+    ``json.dumps`` takes and gives back unchanged (Hugging Face keeps callback state in
+    ``trainer_state.json``). NaN stays a float NaN, as Python's ``json`` writes it."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,9 +1,9 @@
 """How a run is steered: control requests, pausing, stopping, signals and health actions.
 
 The rules users rely on live here: a request is applied at a step boundary and acknowledged
-exactly once; a stop writes a checkpoint first; the first Ctrl-C or SIGTERM is a stop, a second
-Ctrl-C aborts; a health rule's ``pause``/``stop`` action, found on any thread, is applied by the
-training thread at its next boundary. Under DDP every rank applies the same request at the same
+exactly once; a stop writes a checkpoint first; the first Ctrl-C, SIGTERM or SIGHUP is a stop,
+a second Ctrl-C aborts; a health rule's ``pause``/``stop`` action, found on any thread, is
+applied by the training thread at its next boundary. Under DDP every rank applies the same request at the same
 step: rank 0 reads the requests (only it has a control channel) and the ranks agree over the
 Gloo group every ``CONTROL_SYNC_EVERY`` steps.
 """
@@ -27,6 +27,10 @@ from tbhealth.run.states import State
 
 #: How often a paused run looks for a resume (seconds).
 PAUSE_POLL_S = 0.05
+#: Signals that stop a run gracefully (with a checkpoint): Ctrl-C, ``kill``, a closed terminal.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: Said after the signal's name in the stop message, where the name alone does not explain it.
+SIGNAL_WHY = {getattr(signal, "SIGHUP", None): " (the terminal was closed)"}
 
 
 class StepInterrupted(KeyboardInterrupt):
@@ -60,6 +64,7 @@ class Controller:
         self._actions: list[tuple[str, str]] = []
         self._actions_lock = threading.Lock()  # the watchdog thread queues actions too
         self._old_handlers: dict = {}
+        self._chain = False  # also call the handler installed before ours
         self._in_flight: list[tuple[ControlRequest, Future, int]] = []  # checkpoint requests being written
         self._interrupt: str | None = None  # why the next SIGINT is a hung step's interruption
 
@@ -127,11 +132,21 @@ class Controller:
 
     # ------------------------------------------------------------------ signals
 
-    def install_signals(self) -> None:
-        """SIGINT/SIGTERM stop gracefully (Python allows handlers on the main thread only)."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+    def install_signals(self, chain: bool = False) -> None:
+        """SIGINT, SIGTERM and SIGHUP (a closed terminal) stop gracefully; a second SIGINT aborts.
+
+        Python allows handlers on the main thread only. A SIGHUP that was ignored (``nohup``)
+        stays ignored. ``chain``: after deciding, also call the handler that was there before
+        (a framework's own, e.g. Lightning's SIGTERM handler), except Python's default SIGINT
+        handler, which would turn the first Ctrl-C into an abort.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._chain = chain
+        for sig in STOP_SIGNALS:
+            if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def restore_signals(self) -> None:
         for sig, old in self._old_handlers.items():
@@ -144,7 +159,10 @@ class Controller:
             raise StepInterrupted(f"{reason}; the hung step was interrupted, no checkpoint written")
         if self._stop_wanted and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self._stop_wanted = f"received {signal.Signals(signum).name}"
+        self._stop_wanted = f"received {signal.Signals(signum).name}" + SIGNAL_WHY.get(signum, "")
+        previous = self._old_handlers.get(signum)
+        if self._chain and callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)
 
     # ------------------------------------------------------------------ internals
 
@@ -273,7 +291,8 @@ class Controller:
             path = None
             self._log.write("ERROR", f"checkpoint at stop failed: {type(e).__name__}: {e}")
         self.stop_reason = reason
-        self._log.once("WARNING", f"stopping: {reason}" + (f"; checkpoint {path}" if path else ""))
+        where = f"; checkpoint {path}" if path else ""
+        self._log.once("WARNING", f"stopping: {reason}{where}" + (f"; {p.resume_hint}" if p.resume_hint else ""))
         return path
 
     def _set_paused(self, paused: bool) -> None:

@@ -9,6 +9,7 @@ Any loop can use it (the config-driven Trainer is one user)::
                 mon.step(loss, n=len(x))          # after optimizer.step, before zero_grad
                 opt.zero_grad()
                 if mon.should_stop: break
+            if mon.should_stop: break             # a stopped epoch is not a finished one
             mon.end_epoch(val_loss=..., val_acc=...)
 
 Cost on the training thread (see benchmarks/): ``step()`` appends the loss tensor to a list and
@@ -42,18 +43,18 @@ from tbhealth.health.ids import RuleId
 from tbhealth.health.settings import HealthConfig
 from tbhealth.instruments.watch import HealthWatch
 from tbhealth.instruments.window import StepWindow
-from tbhealth.monitor.checkpoints import CheckpointHook
+from tbhealth.monitor.checkpoints import CheckpointHook, atomic_path, plain, save_atomic
 from tbhealth.monitor.control import ControlChannel
 from tbhealth.monitor.controller import Controller, StepInterrupted
 from tbhealth.monitor.epoch_sums import EpochSums
 from tbhealth.monitor.heartbeat import Heartbeat
 from tbhealth.monitor.progress import Progress
 from tbhealth.monitor.readings import Readings
-from tbhealth.monitor.reporter import Reporter, metrics_line
+from tbhealth.monitor.reporter import Reporter, epoch_of, metrics_line
+from tbhealth.monitor.setup import RESUME_HINT, check_arguments, device_of, run_folder
 from tbhealth.monitor.sinks import RunLog, RunSink, Sink, record_alerts
 from tbhealth.monitor.system import SystemSampler
 from tbhealth.monitor.watchdog import Watchdog
-from tbhealth.run.names import unique_run_dir
 from tbhealth.run.rundir import RunDir
 from tbhealth.run.states import State
 from tbhealth.run.status import METRIC_KEYS, METRIC_TAGS
@@ -63,8 +64,10 @@ class Monitor:
     """Opens a run, records what the loop reports, watches its health and applies control requests.
 
     Args:
-        logdir, name: where the run goes (``name`` made unique); ignored when ``run_dir`` is given.
-        total_epochs: planned epochs, for progress and ETA.
+        logdir, name: where a new run goes (``name`` made unique); ignored when ``run_dir`` is given
+            or when ``resume_state`` names a run folder that exists.
+        total_epochs, total_steps: the planned epochs and/or optimizer steps, for progress and ETA;
+            a run ends at whichever comes first (:meth:`epochs` stops there). Either may be None.
         model, optimizer: instrumented for gradient norms and health checks (optional).
         checkpoint_fn: ``fn(kind, state) -> Path`` (or ``fn(kind) -> Path``) writes a checkpoint and
             returns its file; ``kind`` is ``manual`` (a request), ``stop`` (before stopping) or what
@@ -75,8 +78,13 @@ class Monitor:
             are refused.
         health: the ``health:`` settings (dict or HealthConfig); ``False`` turns checks off.
         log_every: read values back and log per-step scalars every this many steps.
-        resume_state: ``Monitor.state_dict()`` from a checkpoint, to continue a run (or call
-            :meth:`load_state_dict` before :meth:`start`).
+        resume_state: ``Monitor.state_dict()`` from a checkpoint: continues that run, in the same
+            folder (the state names it), with its progress, history, alerts and intervention counts.
+        resume_hint: how a stopped run of this loop continues, for the stop message and the CLI's
+            answers (default: :data:`RESUME_HINT`).
+        handle_signals: ``True``: the first SIGINT/SIGTERM/SIGHUP stops with a checkpoint, a second
+            SIGINT aborts; ``"chain"``: the same, then the handler found before is called too (a
+            framework's own); ``False``: signals are left alone.
         dist: under torch.distributed (tbhealth.distributed.DistContext): rank 0 writes events,
             status and checkpoints; every rank logs, is measured, and obeys control at the same step.
         heartbeat_s: the status, the system readings and the wall-clock rules refresh this often
@@ -84,29 +92,28 @@ class Monitor:
     """
 
     def __init__(
-        self, logdir: str | os.PathLike = "runs", name: str | None = None, *, total_epochs: int,
-        run_dir: str | os.PathLike | None = None, model: torch.nn.Module | None = None,
+        self, logdir: str | os.PathLike = "runs", name: str | None = None, *, total_epochs: int | None = None,
+        total_steps: int | None = None, run_dir: str | os.PathLike | None = None, model: torch.nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None, checkpoint_fn: Callable[..., Path] | None = None,
-        health: Any = None, log_every: int = 50, resume_state: dict | None = None, verbose: bool = True,
-        reporter: Reporter | None = None, handle_signals: bool = True, system_metrics: bool = True,
-        dist: DistContext | None = None, heartbeat_s: float = 1.0,
+        health: Any = None, log_every: int = 50, resume_state: dict | None = None, resume_hint: str | None = None,
+        verbose: bool = True, reporter: Reporter | None = None, handle_signals: bool | str = True,
+        system_metrics: bool = True, dist: DistContext | None = None, heartbeat_s: float = 1.0,
     ):
         # bad arguments fail first: before a thread, a file or the run's directory exists
-        if not heartbeat_s > 0:
-            raise ValueError(f"heartbeat_s must be > 0 seconds (and well under 10), got {heartbeat_s}")
+        check_arguments(total_epochs=total_epochs, total_steps=total_steps, heartbeat_s=heartbeat_s,
+                        handle_signals=handle_signals)
         self.health = HealthWatch(health, model=model) if health is not False else None
-        if run_dir is None:
-            run_dir = unique_run_dir(logdir, name or time.strftime("run-%Y%m%d-%H%M%S"))
-        self.run = RunDir(run_dir)
+        self.run = RunDir(run_folder(logdir, name, run_dir, resume_state))
         self.run_dir = self.run.path
         self.model, self.optimizer, self.dist = model, optimizer, dist
         self.log_every = max(1, int(log_every))
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
         self.is_writer = lead = self.rank == 0  # rank 0 writes the run's files: decided here, once
         self._handle_signals = handle_signals
-        device = _device_of(model)
-        self.progress = p = Progress(run=self.run_dir.name, total_epochs=total_epochs, world_size=self.world_size,
-                                     run_dir=str(self.run_dir.absolute()), device=device and str(device))
+        device = device_of(model)
+        self.progress = p = Progress(run=self.run_dir.name, total_epochs=total_epochs, total_steps=total_steps,
+                                     world_size=self.world_size, run_dir=str(self.run_dir.absolute()),
+                                     device=device and str(device), resume_hint=resume_hint or RESUME_HINT)
         self._checkpoint = CheckpointHook(checkpoint_fn, self.state_dict, p)
         self.reporter = reporter or Reporter(enabled=verbose and lead)
         self.sink: Sink = RunSink(self.run) if lead else Sink()
@@ -120,6 +127,7 @@ class Monitor:
         self._channel = ControlChannel(self.run) if lead else None  # rank 0 reads requests, every rank obeys
         self._controller = Controller(p, log=log, sink=self.sink, channel=self._channel, dist=dist,
                                       save=self._checkpoint, poke=self._heartbeat.poke, run_path=self.run_dir)
+        self.sink.writes.on_disk_full = self._controller.request_stop  # nothing more fits: stop, checkpoint if it can
         self._window = StepWindow() if self.health is not None else None
         self.sums = EpochSums(dist, window=self._window)  # every step's loss also reaches the window
         #: each of the run's first steps logs, so a bad initialisation shows before it settles
@@ -160,7 +168,7 @@ class Monitor:
             if stale:
                 self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
             if self._handle_signals:
-                self._controller.install_signals()
+                self._controller.install_signals(chain=self._handle_signals == "chain")
             p.state = State.TRAINING.value
             if self.health is not None:  # the first step is sampled too
                 self.health.before_step(p.global_step + 1)
@@ -209,8 +217,11 @@ class Monitor:
     # ------------------------------------------------------------------ the loop's calls
 
     def epochs(self, batches_per_epoch: int | None = None) -> Iterator[int]:
-        """Epoch numbers (1-based) still to train; ends early when a stop was requested."""
-        for epoch in range(self.progress.epochs_done + 1, self.progress.total_epochs + 1):
+        """Epoch numbers (1-based) still to train: until ``total_epochs`` are done or
+        ``total_steps`` reached (neither planned: until a stop); ends early on a stop."""
+        epoch = self.progress.epochs_done
+        while self._more_planned(epoch):
+            epoch += 1
             self.start_epoch(epoch, batches_per_epoch)
             if self.should_stop:
                 return
@@ -237,7 +248,7 @@ class Monitor:
         self.reporter.epoch_started(epoch, batches_per_epoch)
 
     def step(self, loss: torch.Tensor, *, n: int = 1, correct: torch.Tensor | None = None,
-             grad_norm: torch.Tensor | None = None) -> None:
+             grad_norm: torch.Tensor | None = None, lr: float | None = None) -> None:
         """Report one optimizer step: call after ``optimizer.step()`` and before ``zero_grad()``.
 
         ``loss`` is the batch's mean loss (a tensor: it is not read back unless this step logs),
@@ -247,8 +258,9 @@ class Monitor:
         global gradient norm **before clipping** if the loop has it (the value
         ``torch.nn.utils.clip_grad_norm_`` returns): a clipped norm is constant and hides an
         explosion. Every step's loss and ``grad_norm`` feed the health rules through device-side
-        aggregates over the logging window (no sync). Returns at the step boundary: after applying
-        control requests, and only once resumed when paused.
+        aggregates over the logging window (no sync). ``lr``: the learning rate this step used
+        (default: the optimizer's, read on logging steps), logged as ``step/lr``. Returns at the
+        step boundary: after applying control requests, and only once resumed when paused.
         """
         p = self.progress
         p.global_step += 1
@@ -263,7 +275,7 @@ class Monitor:
                 health.note_first_loss(loss)
         regular = p.global_step % self.log_every == 0
         if regular or p.global_step <= self._dense:  # the losses first: under DDP they name the rank
-            self._readings.log_step(loss, grad_norm, closes=regular)
+            self._readings.log_step(loss, grad_norm, self._lr_scalar(lr), closes=regular)
         if health is not None:
             if health.armed:
                 self._readings.sample(grad_norm)
@@ -279,6 +291,9 @@ class Monitor:
         ``val_count``: how many predictions ``val_acc`` was measured over; with it an accuracy gap
         is judged against the noise of a validation set that size (``overfitting``). An accuracy
         outside 0–1 is refused (logged, recorded as None): accuracies are fractions.
+        ``lr`` defaults to the optimizer's rate *now*: after the epoch's last scheduler step (with
+        a per-step scheduler, the rate the next step will use); call this before a per-epoch
+        ``scheduler.step()`` or pass ``lr=`` to record the rate the epoch trained with.
         Returns the epoch's metrics (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``,
         ``lr``; None where unknown). Extra keyword scalars are logged under their own names.
         """
@@ -303,9 +318,16 @@ class Monitor:
             counts = (int(train_count) if train_count else None, val_count)
             self._record_alerts(self.health.on_epoch(epoch=p.epoch, step=p.global_step, history=p.history,
                                                      counts=counts))
-        self.log("INFO", f"Epoch {p.epoch}/{p.total_epochs} done: " + metrics_line(metrics), echo=False)
+        self.log("INFO", f"Epoch {epoch_of(p.epoch, p.total_epochs)} done: " + metrics_line(metrics), echo=False)
         self._heartbeat.poke()
         return metrics
+
+    def gradients_ready(self) -> None:
+        """Call after ``backward()`` (and ``scaler.unscale_``), before gradient clipping: on sampled
+        steps the per-layer gradient norms are taken now, before clipping scales them (else at
+        :meth:`step`, after it). Nothing runs on other steps; no sync."""
+        if self.health is not None:
+            self.health.gradients_ready()
 
     def keep_alive(self) -> None:
         """Progress outside :meth:`step` (a validation batch, a slow checkpoint): tells the
@@ -322,6 +344,18 @@ class Monitor:
         ``checkpoint_fn`` returned (the file, or a future of it), or None without one. Call it between steps."""
         return self._checkpoint(kind)
 
+    def save_atomic(self, obj: Any, name: str | os.PathLike) -> Path:
+        """``torch.save(obj)`` as ``name`` in :attr:`checkpoint_dir` (or at ``name`` if absolute)
+        through a temp file, ``fsync`` and a rename: never a half-written checkpoint; no symlink
+        inside the run folder is followed."""
+        return save_atomic(obj, self.checkpoint_dir / name, root=None if Path(name).is_absolute() else self.run_dir)
+
+    def atomic_path(self, name: str | os.PathLike):
+        """``with mon.atomic_path("x.ckpt") as tmp: writer(tmp)``: for writers that take a file name
+        (Lightning's ``trainer.save_checkpoint``); ``tmp`` is renamed to ``name`` in
+        :attr:`checkpoint_dir` once written (see :func:`tbhealth.monitor.checkpoints.atomic_path`)."""
+        return atomic_path(self.checkpoint_dir / name)
+
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary with a checkpoint (for code that decides to stop)."""
         self._controller.request_stop(reason)
@@ -336,25 +370,31 @@ class Monitor:
     epochs_done = property(lambda self: self.progress.epochs_done, doc="Finished epochs.")
     history = property(lambda self: list(self.progress.history),
                        doc="One dict per finished epoch: ``epoch`` and the metrics :meth:`end_epoch` returned.")
+    checkpoint_dir = property(lambda self: self.run.checkpoint_dir,
+                              doc="``<run>/checkpoints``: where :meth:`save_atomic` puts a relative name.")
 
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps so a resumed run continues its progress, history and alerts.
+        """What a checkpoint keeps so a resumed run continues its folder, progress, history and alerts.
 
-        ``epochs_done``, ``epoch`` (in progress), ``batch`` (done in it) and ``global_step`` say
-        where the run is; a mid-epoch state also holds the epoch's sums (one read-back, here).
+        ``run_dir`` names the run (``Monitor(resume_state=...)`` reopens it); ``epochs_done``,
+        ``epoch`` (in progress), ``batch`` (done in it) and ``global_step`` say where it is; a
+        mid-epoch state also holds the epoch's sums (one read-back, here). Plain JSON types only
+        (numbers, strings, lists, dicts; NaN as Python's ``json`` writes it): ``torch.save``,
+        ``json.dump`` and a framework's JSON state files all keep it as it is.
         """
         p = self.progress
-        return {**p.state_dict(), "health": self.health.state_dict() if self.health is not None else None,
-                "epoch_sums": self.sums.snapshot() if p.epoch > p.epochs_done else None}
+        return plain({**p.state_dict(), "health": self.health.state_dict() if self.health is not None else None,
+                      "epoch_sums": self.sums.snapshot() if p.epoch > p.epochs_done else None})
 
     def load_state_dict(self, state: dict, *, batch: int | None = None) -> None:
         """Continue the run a :meth:`state_dict` describes; call before :meth:`start`.
 
         ``batch``: where to continue in the interrupted epoch, counted in this loop's batches when
         they differ from the saved run's (another batch size or number of processes); by default
-        the saved position.
+        the saved position. The run folder is chosen by the constructor: pass the state there as
+        ``resume_state`` (or ``run_dir=``) to continue in the same folder.
         """
         if self._started:
             raise RuntimeError("Monitor.load_state_dict() must be called before start()")
@@ -374,6 +414,16 @@ class Monitor:
                "`correct` counts (tokens for (N, T) sequence targets)" if count else "accuracies are fractions 0–1")
         self.log("WARNING", f"{name} {value:.4g} not recorded for epoch {self.progress.epoch}: {why}")
         return None
+    def _more_planned(self, epochs_done: int) -> bool:
+        p = self.progress
+        return ((p.total_epochs is None or epochs_done < p.total_epochs)
+                and (p.total_steps is None or p.global_step < p.total_steps))
+
+    def _lr_scalar(self, lr: float | None) -> dict:
+        """``step/lr`` of a logging step: the rate the loop passed, else the optimizer's now."""
+        if lr is None and self.optimizer is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+        return {} if lr is None else {"step/lr": float(lr)}
 
     def _record_alerts(self, events: list[AlertEvent]) -> None:
         """Record alert events (training thread or watchdog); actions wait for the next boundary."""
@@ -383,13 +433,6 @@ class Monitor:
             self._controller.queue_action(action, rule)
         if events:
             self._heartbeat.poke()
-
-
-def _device_of(model: torch.nn.Module | None) -> torch.device | None:
-    try:
-        return next(model.parameters()).device if model is not None else None
-    except StopIteration:
-        return None
 
 
 def _f(v: Any) -> float | None:

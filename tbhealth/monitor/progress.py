@@ -20,7 +20,8 @@ class Progress:
     """Mutable run progress, written by the training thread, read by the heartbeat."""
 
     run: str
-    total_epochs: int
+    total_epochs: int | None  # planned epochs; None: the run is planned in steps (``total_steps``)
+    total_steps: int | None = None  # planned optimizer steps; None: planned in epochs
     state: str = State.STARTING.value
     epoch: int = 0  # the epoch being trained, 1-based; 0 before the first
     epochs_done: int = 0
@@ -46,6 +47,7 @@ class Progress:
     device: str | None = None  # where the model's parameters live ("cpu", "cuda:0"); None: no model
     last_checkpoint: str | None = None  # file name of the last checkpoint written
     ranks: list[dict] = field(default_factory=list)  # DDP: each rank's loss at the last logging step
+    resume_hint: str | None = None  # how this run continues after a stop, in the loop's own terms
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
 
@@ -76,10 +78,10 @@ class Progress:
     # -- what a checkpoint keeps -------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Where the run is (``epochs_done``, ``epoch`` in progress, ``batch`` done in it,
-        ``global_step``) and what it did so far, for a resumed run to continue from."""
+        """Which run (``run_dir``), where it is (``epochs_done``, ``epoch`` in progress, ``batch``
+        done in it, ``global_step``) and what it did so far, for a resumed run to continue from."""
         return {
-            "epochs_done": self.epochs_done, "epoch": self.epoch, "batch": self.batch,
+            "run_dir": self.run_dir, "epochs_done": self.epochs_done, "epoch": self.epoch, "batch": self.batch,
             "global_step": self.global_step, "elapsed_s": self.active_seconds(), "started_at": self.started_at,
             "history": list(self.history), "epoch_durations": list(self.epoch_durations),
             "interventions": dict(self.interventions), "warnings": self.warnings, "errors": self.errors,

@@ -41,11 +41,13 @@ class Readings:
         self._rank = dist.rank if dist is not None else None  # findings name the rank only under DDP
         self.last_loss: float | None = None  # mean over ranks at the last logging step (terminal)
 
-    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, *, closes: bool = True) -> None:
+    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, extra: dict | None = None, *,
+                 closes: bool = True) -> None:
         """The logging step: one transfer to the host for everything read this step: the step's
-        loss, the window's aggregates (every step since the last logging step) and the norm.
-        ``closes``: the window ends here (a regular logging step); one of the densely observed
-        first steps looks into the window without ending it."""
+        loss, the window's aggregates (every step since the last logging step) and the norm;
+        ``extra`` scalars (``step/lr``) go out in the same event. ``closes``: the window ends here
+        (a regular logging step); one of the densely observed first steps looks into the window
+        without ending it."""
         p = self._p
         self._sums.fold()  # bounds the epoch's list, and hands every step's loss since to the window
         if grad_norm is None and self._model is not None:
@@ -69,7 +71,7 @@ class Readings:
             p.ranks = [{"rank": r[0], "step": p.global_step, "loss": r[1]} for r in readings]
         if self._judge is not None:
             self._record(self._judge.on_log_step(epoch=p.epoch, step=p.global_step, readings=readings, closes=closes))
-        scalars = {"step/loss": self.last_loss}
+        scalars = {"step/loss": self.last_loss, **(extra or {})}
         if now_norm is not None:
             scalars["step/grad_norm"] = now_norm
         self._sink.scalars(p.global_step, scalars)

@@ -34,6 +34,11 @@ def format_metrics(metrics: dict) -> str:
     return " ".join(parts)
 
 
+def epoch_of(epoch: int, total: int | None) -> str:
+    """``3/10``, or ``3`` for a run planned in steps (no total of epochs)."""
+    return f"{epoch}/{total}" if total is not None else str(epoch)
+
+
 def metrics_line(metrics: dict) -> str:
     """The epoch's metrics in the run's log: ``train_loss=0.1234, ..., lr=0.001`` (NaN spelled out)."""
     values = [(k, metrics.get(k)) for k in METRIC_KEYS]
@@ -52,7 +57,7 @@ class Reporter:
         self._next_draw = 0.0
         self._postfix = ""
 
-    def start(self, run_dir: str, total_epochs: int, epochs_done: int) -> None:
+    def start(self, run_dir: str, total_epochs: int | None, epochs_done: int) -> None:
         if not self.enabled:
             return
         self.console.print(f"[bold]tbhealth[/] run [cyan]{run_dir}[/]")
@@ -80,10 +85,10 @@ class Reporter:
                 self._postfix = f"loss {loss:.4f}"
             self._progress.update(self._batches, completed=batch, postfix=self._postfix)
 
-    def epoch_finished(self, epoch: int, total: int, metrics: dict, seconds: float) -> None:
+    def epoch_finished(self, epoch: int, total: int | None, metrics: dict, seconds: float) -> None:
         if not self.enabled:
             return
-        line = f"epoch {epoch}/{total} {format_metrics(metrics)} ({seconds:.1f}s)"
+        line = f"epoch {epoch_of(epoch, total)} {format_metrics(metrics)} ({seconds:.1f}s)"
         if self._progress is not None:
             acc = metrics.get("val_acc")
             post = f"val_loss {metrics.get('val_loss', float('nan')):.4f}" + (f" val_acc {acc * 100:.1f}%" if acc is not None else "")

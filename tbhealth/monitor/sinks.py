@@ -6,18 +6,28 @@ every other rank the do-nothing :class:`Sink`, so the code that produces records
 "am I rank 0?". Log lines are the exception by design: every rank appends its own (with its
 rank) to the run's log, which is how a crash on rank 3 leaves its traceback; :class:`RunLog`
 keeps that apart from the sink.
+
+Writing the log, the alerts and the status must never end a run (:class:`StateWrites`): they are
+for the people watching, and a run that dies because its log became unwritable loses far more
+than the log. A full disk is the exception that stops the run: nothing more could be saved.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import re
+import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from tbhealth.health.alerts import AlertEvent
-from tbhealth.monitor.events import EventWriter
+from tbhealth.monitor.events import EventWriter, Mark
+from tbhealth.run.files import FORMAT_VERSION, json_default
 from tbhealth.run.rundir import RunDir
 from tbhealth.run.states import FINAL_STATES
 from tbhealth.run.status import METRIC_TAGS
@@ -38,12 +48,103 @@ CUSTOM_SCALARS = {
         "Accuracy (train vs val)": _charts("train_acc", "val_acc"),
         "Learning rate": _charts("lr"),
     },
-    "Steps": {"Step loss": ["^step/loss$"], "Gradient norm": ["^step/grad_norm$"]},
+    "Steps": {"Step loss": ["^step/loss$"], "Gradient norm": ["^step/grad_norm$"], "Learning rate": ["^step/lr$"]},
 }
+
+
+#: errno values that mean no more bytes fit, whatever file is written next.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+class StateWrites:
+    """Writes of the run's log, alerts and status that must not end the training.
+
+    A failed write (a full disk, a state file replaced by a folder, permissions taken away) is
+    told once on stderr, the next record tries again, and the recovery is told with the number of
+    records lost. A full disk is reported once through ``on_disk_full`` (the Monitor stops the run
+    there, with a checkpoint if one still fits) and remembered in :attr:`disk_full`.
+    """
+
+    def __init__(self) -> None:
+        self.on_disk_full: Callable[[str], None] | None = None
+        self.disk_full: str | None = None  # why, once a write found no space left
+        self._lost: dict[str, int] = {}  # per kind of record: failures since it last worked
+        self._lock = threading.Lock()  # the training thread, the heartbeat and the watchdog write
+
+    def attempt(self, what: str, write: Callable[[], None], *, reraise: bool = False) -> bool:
+        """``write()``; an OSError is reported (see the class doc) and, unless ``reraise``, not
+        raised. True if it worked."""
+        try:
+            write()
+        except OSError as e:
+            self._failed(what, e)
+            if reraise:
+                raise
+            return False
+        if what in self._lost:
+            with self._lock:
+                lost = self._lost.pop(what, 0)
+            _tell(f"the run's {what} is written again ({lost} record(s) could not be written meanwhile)")
+        return True
+
+    def note_disk_full(self, what: str, exc: OSError) -> None:
+        """No space left (found writing ``what``): say so and call ``on_disk_full`` the first time."""
+        with self._lock:
+            if self.disk_full is not None:
+                return
+            self.disk_full = (f"the disk is full ({_describe(exc)} while writing the {what}); free space, "
+                              "then continue with --resume")
+        if self.on_disk_full is not None:
+            self.on_disk_full(self.disk_full)
+
+    def _failed(self, what: str, exc: OSError) -> None:
+        with self._lock:
+            first = what not in self._lost
+            self._lost[what] = self._lost.get(what, 0) + 1
+        if first:
+            _tell(f"could not write the run's {what} ({_describe(exc)}); training goes on and tries again "
+                  "with each record")
+        if is_disk_full(exc):
+            self.note_disk_full(what, exc)
+
+
+def _describe(exc: OSError) -> str:
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+
+
+def _tell(message: str) -> None:
+    """One line on stderr: the run's own log may be what cannot be written."""
+    try:
+        sys.stderr.write(f"tbhealth: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def overwrite_status(path: Path, status: dict) -> None:
+    """Rewrite the status in place (truncate, write): not atomic, so only for the final state on
+    a full disk, where the temp file of an atomic write finds no room but the old status's own
+    blocks, freed by the truncation, hold the new one."""
+    body = json.dumps({"v": FORMAT_VERSION, **status, "updated_at": time.time()}, separators=(",", ":"),
+                      default=json_default).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class Sink:
     """The records of one run. This base drops everything: the sink of every rank but 0."""
+
+    def __init__(self) -> None:
+        self.writes = StateWrites()  # how this process's state-file writes are doing
 
     def open(self, health_settings: dict) -> None:
         """Start writing; ``health_settings`` are the run's resolved ``health:`` thresholds."""
@@ -63,11 +164,17 @@ class Sink:
     def close(self, step: int, state: str) -> None:
         """The run ended in ``state``: say so and flush everything."""
 
+    def events_mark(self) -> Mark | None:
+        """A place in the TensorBoard events queued so far (None: no events written here); a
+        checkpoint waits for it off the training thread (:meth:`EventWriter.mark`)."""
+        return None
+
 
 class RunSink(Sink):
     """Rank 0's sink: the run's TensorBoard event file and its run-state files."""
 
     def __init__(self, run: RunDir):
+        super().__init__()
         self._run = run
         self._writer: EventWriter | None = None  # opened by open(): no file before start()
         self._status_lock = threading.Lock()  # the heartbeat thread and close() both write
@@ -88,19 +195,30 @@ class RunSink(Sink):
             self._writer.text(step, tag, markdown)
 
     def alert(self, record: dict) -> None:
-        self._run.append_alert(record)
+        self.writes.attempt("alerts", lambda: self._run.append_alert(record))
 
     def status(self, doc: dict) -> None:
+        """Raises what the write raises: the heartbeat logs it and retries (:mod:`periodic`)."""
+        final = doc["state"] in FINAL_STATES
         with self._status_lock:
             if self._final_written:  # a late heartbeat must not turn "completed" back into "training"
                 return
-            self._run.write_status(doc)
-            self._final_written = doc["state"] in FINAL_STATES
+            try:
+                self.writes.attempt("status", lambda: self._run.write_status(doc), reraise=True)
+            except OSError:
+                if not (final and self.writes.disk_full):
+                    raise
+                # the last word must be true: squeeze it into the old status's own blocks
+                self.writes.attempt("status", lambda: overwrite_status(self._run.status_path, doc), reraise=True)
+            self._final_written = final
 
     def close(self, step: int, state: str) -> None:
         if self._writer is not None:
             self._writer.text(step, "run/state", f"Run finished: **{state}**")
-            self._writer.close()
+            self.writes.attempt("TensorBoard events", self._writer.close)  # its last flush may find the disk full
+
+    def events_mark(self) -> Mark | None:
+        return self._writer.mark() if self._writer is not None else None
 
 
 class RunLog:
@@ -128,7 +246,7 @@ class RunLog:
                 self._progress.errors += 1
         if echo:
             self._reporter.log(level, message.split("\n", 1)[0])
-        self._run.append_log(level, message, **self._rank_field)
+        self._sink.writes.attempt("log", lambda: self._run.append_log(level, message, **self._rank_field))
         stamp = time.strftime("%H:%M:%S")
         self._sink.text(self._progress.global_step, "logs", f"`{stamp}` **{level}** {message}")
 

@@ -10,7 +10,10 @@ acks, the resolved config and checkpoints), so the guarantees hold in one place:
   writer and skipped by readers;
 * every record and snapshot carries the format version ``v``;
 * files are created with the process umask (as any other file), so a teammate's TensorBoard
-  can read them.
+  can read them;
+* **no symlink is followed below ``root``** (the run directory, or the file's own folder when no
+  root is given), and only regular files are read, without blocking: every open goes through
+  :mod:`tbhealth.run.safeopen`; a file that must not be used raises :class:`StateFileError`.
 
 Nothing here imports torch: the TensorBoard plugin uses it.
 """
@@ -21,78 +24,102 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from tbhealth.run.safeopen import StateFileError, open_existing, open_file, open_folder, split_below
 
 FORMAT_VERSION = 1
 #: A temp file of an atomic write: ``.<target name>.<random>.tmp`` next to its target.
 TEMP_SUFFIX = ".tmp"
+#: Largest snapshot (status.json, health.json) a reader loads; a status is a few kilobytes.
+MAX_SNAPSHOT_BYTES = 8 << 20
+#: Longest record line; tbhealth's own are under 10 KB. A longer line is malformed.
+MAX_LINE_BYTES = 1 << 20
+#: Deepest JSON nesting accepted; tbhealth's own documents nest five levels.
+MAX_JSON_DEPTH = 32
+#: Bytes read at a time from a record file.
+CHUNK = 1 << 20
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False) -> None:
+# --------------------------------------------------------------------------- snapshots
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False,
+                 root: str | os.PathLike | None = None) -> None:
     """Replace ``path`` with what ``write(f)`` writes into a binary file, all or nothing.
 
     ``durable``: also ``fsync`` the file and its folder, so the new content survives a power
     loss (checkpoints); status snapshots skip it, a newer one follows within a second.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    root_, parts = split_below(path, root)
+    folder = open_folder(root_, parts[:-1], create=True)
+    name = parts[-1]
+    tmp = f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            _unlink_at(folder, tmp)
+            raise
+        if durable:
+            _fsync_quietly(folder)
+    finally:
+        os.close(folder)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, root: str | os.PathLike | None = None) -> None:
     """Replace ``path`` with ``data`` as JSON (dumps + one write: the streaming encoder is ~6x slower)."""
     body = json.dumps(data, separators=(",", ":"), default=json_default).encode("utf-8")
-    atomic_write(path, lambda f: f.write(body))
+    atomic_write(path, lambda f: f.write(body), root=root)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, root: str | os.PathLike | None = None) -> None:
     body = text.encode("utf-8")
-    atomic_write(path, lambda f: f.write(body))
+    atomic_write(path, lambda f: f.write(body), root=root)
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+def load_json(path: Path, root: str | os.PathLike | None = None) -> Any:
+    """The JSON document in ``path``. FileNotFoundError when absent; StateFileError (saying why)
+    when it is there but not a regular file, unreadable, too large, too deep or not JSON."""
+    rel = os.path.basename(path)
+    fd = open_file(path, root=root)
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        size = os.fstat(fd).st_size
+        if size > MAX_SNAPSHOT_BYTES:
+            raise StateFileError(f"{rel} is larger than {MAX_SNAPSHOT_BYTES >> 20} MiB")
+        raw = b"".join(chunks(fd, 0, size))
     finally:
         os.close(fd)
+    doc = parse_json(raw)
+    if isinstance(doc, _Bad):
+        raise StateFileError(f"{rel} {doc.why}")
+    return doc
 
 
-def read_json(path: Path) -> Any | None:
-    """The JSON in ``path``, or None when it is missing, unreadable or not valid JSON."""
+def read_json(path: Path, root: str | os.PathLike | None = None) -> Any | None:
+    """The JSON in ``path``, or None when it is missing, unusable or not valid JSON."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return load_json(path, root)
+    except OSError:
         return None
 
 
-def append_record(path: Path, record: dict) -> None:
+# --------------------------------------------------------------------------- records
+
+
+def append_record(path: Path, record: dict, root: str | os.PathLike | None = None) -> None:
     """Append one JSON line. Safe with concurrent writers and after a writer crashed mid-line."""
     line = json.dumps({"v": FORMAT_VERSION, **record}, separators=(",", ":"), default=json_default)
     data = (line + "\n").encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = open_file(path, os.O_RDWR | os.O_APPEND, root=root, create=True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -106,40 +133,101 @@ def append_record(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def read_records(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+class _Bad:
+    """A line or document that is not usable JSON, and why."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def parse_json(raw: bytes) -> Any:
+    """``json.loads(raw)``, or a ``_Bad`` for text that is not JSON or nests too deeply (a
+    reader's recursion, and every later ``json_safe``/``dumps`` pass, must stay bounded)."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        return _Bad("is nested too deeply")
+    except ValueError as e:
+        return _Bad(f"is not valid JSON ({str(e)[:80]})")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(doc) > MAX_JSON_DEPTH:
+        return _Bad(f"is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return doc
+
+
+def _depth(doc: Any) -> int:
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def as_record(raw: bytes | None) -> dict:
+    """A line as a record; anything but a JSON object is ``{"_malformed": <text>}`` so a consumer
+    can reject it without losing its place."""
+    rec = parse_json(raw) if raw is not None else _Bad("too long")
+    if isinstance(rec, dict):
+        return rec
+    text = "(a line over 1 MiB)" if raw is None else raw[:500].decode("utf-8", "replace")
+    return {"_malformed": text}
+
+
+def lines_in(fd: int, start: int, end: int) -> tuple[list[tuple[int, bytes | None]], int]:
+    """``(offset, line)`` of each complete line in ``[start, end)`` (``None`` for one over
+    MAX_LINE_BYTES: its bytes are skipped, not held), and the offset after the last one. Read
+    in chunks; a trailing line without its newline is left for later (its writer may be busy)."""
+    out: list[tuple[int, bytes | None]] = []
+    line_at, pending, dropped = start, b"", 0
+    for chunk in chunks(fd, start, end):
+        pieces = chunk.split(b"\n")
+        for piece in pieces[:-1]:
+            raw = pending + piece
+            if raw.strip() or dropped:
+                out.append((line_at, None if dropped or len(raw) > MAX_LINE_BYTES else raw))
+            line_at += dropped + len(raw) + 1
+            pending, dropped = b"", 0
+        pending += pieces[-1]
+        if len(pending) > MAX_LINE_BYTES:
+            dropped, pending = dropped + len(pending), b""
+    return out, line_at
+
+
+def read_records(path: Path, offset: int = 0, root: str | os.PathLike | None = None) -> tuple[list[dict], int]:
     """Complete records from byte ``offset`` on, and the offset to continue from.
 
     A trailing line without its newline is not returned (its writer may still be writing), and
     the returned offset stops before it. Lines that are not JSON objects come back as
-    ``{"_malformed": <text>}`` so a consumer can reject them without losing its place.
+    ``{"_malformed": <text>}``. A missing file has no records; a file that is there but must not
+    be read (a symlink, a FIFO) raises StateFileError.
     """
+    pairs, offset = read_lines(path, offset, root)
+    return [rec for _, rec in pairs], offset
+
+
+def read_lines(path: Path, offset: int = 0, root: str | os.PathLike | None = None) -> tuple[list[tuple[int, dict]], int]:
+    """Like :func:`read_records`, each record with the byte offset of its line."""
+    offset = max(0, offset)
+    fd = open_existing(path, root)
+    if fd is None:
+        return [], offset
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, offset))
-            chunk = f.read()
-    except OSError:
-        return [], offset
-    end = chunk.rfind(b"\n")
-    if end < 0:
-        return [], offset
-    records = []
-    for raw in chunk[: end + 1].splitlines():
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict):
-            rec = {"_malformed": raw.decode("utf-8", "replace")[:500]}
-        records.append(rec)
-    return records, offset + end + 1
+        lines, end = lines_in(fd, offset, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return [(at, as_record(raw)) for at, raw in lines], end
+
+
+# --------------------------------------------------------------------------- small helpers
 
 
 def file_size(path: Path) -> int:
-    """Size of ``path`` (0 when missing): the cheap ``stat`` the trainer polls for control."""
+    """Size of ``path`` (0 when missing), never looked at through a link: the cheap ``stat``."""
     try:
-        return os.stat(path).st_size
+        return os.lstat(path).st_size
     except OSError:
         return 0
 
@@ -147,6 +235,21 @@ def file_size(path: Path) -> int:
 def unlink_quietly(path: str | os.PathLike) -> None:
     try:
         os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fsync_quietly(fd: int) -> None:
+    """Make a rename durable where the platform can fsync a folder."""
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -161,14 +264,33 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def chunks(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """``[start, end)`` of ``fd`` in consecutive reads of at most CHUNK bytes (fewer at EOF)."""
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+        if not chunk:
+            return
+        yield chunk
+        pos += len(chunk)
+
+
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    """Append all of ``data`` or none of it: a write cut short (a full disk) is truncated away, so
+    the file never ends in half a record. The caller holds the file's lock."""
+    view, size = memoryview(data), os.fstat(fd).st_size
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        if len(view) < len(data):
+            os.ftruncate(fd, size)
+        raise
 
 
 __all__ = [
-    "FORMAT_VERSION", "TEMP_SUFFIX", "atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir",
-    "read_json", "append_record", "read_records", "file_size", "unlink_quietly", "json_default",
+    "FORMAT_VERSION", "TEMP_SUFFIX", "MAX_SNAPSHOT_BYTES", "MAX_LINE_BYTES", "MAX_JSON_DEPTH", "StateFileError",
+    "open_file", "atomic_write", "write_json_atomic", "write_text_atomic", "load_json", "read_json", "parse_json",
+    "append_record", "read_records", "read_lines", "lines_in", "as_record", "CHUNK", "chunks", "open_existing",
+    "file_size", "unlink_quietly", "json_default",
 ]

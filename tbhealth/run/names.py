@@ -13,7 +13,12 @@ from pathlib import Path
 
 from tbhealth.run.rundir import CHECKPOINT_SUBDIR, STATE_SUBDIR
 
-_RUN_PART = re.compile(r"^[A-Za-z0-9_.@+=-]+$")
+_RUN_PART = re.compile(r"^[A-Za-z0-9_.@+=-]{1,255}$")
+#: A name for a new run (``--name``, the config's ``name:``): one plain folder name, not hidden,
+#: not an option, with room for the ``-2`` suffix of :func:`unique_run_dir` below 255 bytes.
+NEW_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+NEW_RUN_NAME_RULE = ("a plain name of at most 200 letters, digits and _.- "
+                     "(no '/', spaces, leading '.' or '-')")
 
 
 class RunNameError(ValueError):
@@ -29,19 +34,30 @@ def resolve_run(logdir: str | os.PathLike, run: str) -> Path:
     """
     if not isinstance(run, str) or not run or len(run) > 512:
         raise RunNameError("run name must be a non-empty string of at most 512 characters")
-    base = Path(logdir).resolve()
     if run == ".":
-        return base
+        return Path(logdir).resolve()
     parts = run.split("/")
     for part in parts:
         if part in ("", ".", "..") or not _RUN_PART.match(part):
             raise RunNameError(
-                f"invalid run name {run!r}: use letters, digits and _.@+=- separated by '/'"
+                f"invalid run name {run[:80]!r}: use letters, digits and _.@+=- separated by '/', "
+                "at most 255 per part"
             )
-    target = (base / Path(*parts)).resolve()
+    try:
+        base = Path(logdir).resolve()
+        target = (base / Path(*parts)).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a path the system refuses
+        raise RunNameError(f"run {run[:80]!r} cannot be looked up: {e}") from None
     if target != base and base not in target.parents:
         raise RunNameError(f"run {run!r} resolves outside the logdir")
     return target
+
+
+def check_new_run_name(name: str) -> str:
+    """``name`` if it may name a new run, else RunNameError saying the rule."""
+    if not isinstance(name, str) or not NEW_RUN_NAME.match(name):
+        raise RunNameError(f"{str(name)[:80]!r} is not a valid run name: use {NEW_RUN_NAME_RULE}")
+    return name
 
 
 def run_name(logdir: str | os.PathLike, run_dir: str | os.PathLike) -> str:
@@ -72,7 +88,7 @@ def list_run_dirs(logdir: str | os.PathLike, max_depth: int = 3) -> list[Path]:
     root = Path(logdir)
 
     def walk(d: Path, depth: int) -> None:
-        if (d / STATE_SUBDIR / "status.json").is_file():
+        if _holds_run(d):
             found.append(d)
             return
         if depth >= max_depth:
@@ -91,4 +107,20 @@ def list_run_dirs(logdir: str | os.PathLike, max_depth: int = 3) -> list[Path]:
     return found
 
 
-__all__ = ["RunNameError", "resolve_run", "run_name", "unique_run_dir", "list_run_dirs"]
+def _holds_run(d: Path) -> bool:
+    """Whether ``d`` has a status file, of any kind (reading it tells what is wrong with it).
+
+    A folder we may not look into is listed too: it may hold a run, and its readers then report
+    "permission denied" rather than the run silently vanishing from the overview.
+    """
+    try:
+        os.lstat(d / STATE_SUBDIR / "status.json")
+        return True
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+
+
+__all__ = ["RunNameError", "NEW_RUN_NAME", "NEW_RUN_NAME_RULE", "resolve_run", "check_new_run_name", "run_name",
+           "unique_run_dir", "list_run_dirs"]

@@ -14,24 +14,33 @@ Layout of ``<logdir>/<run>/``::
     plugins/tbhealth/control.jsonl control requests, append-only (CLI and plugin write)
     plugins/tbhealth/acks.jsonl    acknowledgements of control requests, append-only (trainer writes)
     plugins/tbhealth/health.json   the run's health settings (thresholds, actions), written at start
+    plugins/tbhealth/layers.json   the model's measured layers in model order, written at start
 
-How each file is written (atomic snapshots, locked appends, the version ``v``) is
-:mod:`tbhealth.run.files`; the states a status may hold are :mod:`tbhealth.run.states`.
+How each file is written (atomic snapshots, locked appends, the version ``v``, no symlink
+followed below the run directory) is :mod:`tbhealth.run.files`; what a reader accepts from a file
+anyone may have written is :mod:`tbhealth.run.checks`; the states a status may hold are
+:mod:`tbhealth.run.states`. Readers report a damaged or planted file (``StateFileError``, an
+``OSError``) or skip a bad line; they never let one bad file raise anything else.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tbhealth.run.files import FORMAT_VERSION, append_record, file_size, read_json, read_records, write_json_atomic
+from tbhealth.run.checks import ControlRequest, alert_problem, parse_request, status_problem
+from tbhealth.run.files import (
+    FORMAT_VERSION, append_record, file_size, load_json, read_json, read_lines, read_records, write_json_atomic,
+)
+from tbhealth.run.safeopen import open_file
 from tbhealth.run.states import COMMANDS, NO_STATUS_WHY, NOT_LIVE_WHY, is_live
 from tbhealth.run.status import effective_status
+from tbhealth.run.tail import Follower, read_tail
 
 STATE_SUBDIR = Path("plugins") / "tbhealth"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -51,15 +60,7 @@ class RunNotLiveError(Exception):
         super().__init__(f"run {run} is {state}: {command} not sent ({self.why})")
 
 
-@dataclass(frozen=True)
-class ControlRequest:
-    """A request as read back by the trainer. ``error`` is set for a line it must reject."""
-
-    id: str
-    command: str
-    source: str = ""
-    time: float = 0.0
-    error: str | None = None
+_CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}\.pt")
 
 
 class RunDir:
@@ -75,6 +76,7 @@ class RunDir:
         self.acks_path = self.state_dir / "acks.jsonl"
         self.rank_failures_path = self.state_dir / "rank_failures.jsonl"
         self.health_settings_path = self.state_dir / "health.json"
+        self.layers_path = self.state_dir / "layers.json"
         self.config_path = self.path / CONFIG_FILE
         self.checkpoint_dir = self.path / CHECKPOINT_SUBDIR
 
@@ -82,58 +84,107 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     def exists(self) -> bool:
-        return self.status_path.is_file()
+        """Whether a status file (of whatever kind: reading it says what is wrong) is there."""
+        return os.path.lexists(self.status_path)
 
     # -- status -------------------------------------------------------------------------------
 
     def write_status(self, status: dict) -> None:
-        write_json_atomic(self.status_path, {"v": FORMAT_VERSION, **status, "updated_at": time.time()})
+        write_json_atomic(self.status_path, {"v": FORMAT_VERSION, **status, "updated_at": time.time()}, root=self.path)
 
     def read_status(self, now: float | None = None) -> dict | None:
         """The last heartbeat with ``state`` made effective: ``unresponsive`` when stale.
 
-        The state the trainer wrote stays available as ``reported_state``.
+        The state the trainer wrote stays available as ``reported_state``. None when there is
+        none yet or it cannot be used (:meth:`read_status_checked` says why).
         """
-        return effective_status(read_json(self.status_path), now)
+        return self.read_status_checked(now)[0]
+
+    def read_status_checked(self, now: float | None = None) -> tuple[dict | None, str | None]:
+        """``(status, None)``; ``(None, None)`` while there is no status yet; ``(None, why)`` when
+        the file cannot be used (a symlink, a FIFO, not JSON, a field of the wrong type, …)."""
+        try:
+            status = load_json(self.status_path, root=self.path)
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            return None, str(e)
+        problem = status_problem(status)
+        if problem:
+            return None, f"status.json {problem}"
+        return effective_status(status, now), None
 
     # -- health settings --------------------------------------------------------------------
 
     def write_health_settings(self, settings: dict) -> None:
         """The run's resolved ``health:`` settings, written once at start, so readers (the Health
         tab) judge and colour with this run's own thresholds, not the defaults."""
-        write_json_atomic(self.health_settings_path, {"v": FORMAT_VERSION, "health": settings})
+        write_json_atomic(self.health_settings_path, {"v": FORMAT_VERSION, "health": settings}, root=self.path)
 
     def read_health_settings(self) -> dict | None:
-        doc = read_json(self.health_settings_path)
+        doc = read_json(self.health_settings_path, root=self.path)
         health = doc.get("health") if isinstance(doc, dict) else None
         return health if isinstance(health, dict) else None
+
+    # -- layers -------------------------------------------------------------------------------
+
+    def write_layers(self, names: list[str]) -> None:
+        """The names of the layers the health instruments measure, in model order
+        (``named_modules()`` order), written once at start. TensorBoard lists the per-layer series
+        ``health/<metric>/<layer>`` in an order of its own (the Rust data server's is arbitrary);
+        the Health tab's per-layer view orders its rows by this list."""
+        write_json_atomic(self.layers_path, {"v": FORMAT_VERSION, "layers": [str(n) for n in names]})
+
+    def read_layers(self) -> list[str] | None:
+        """The layer names in model order, or None when the run did not write them."""
+        doc = read_json(self.layers_path)
+        layers = doc.get("layers") if isinstance(doc, dict) else None
+        if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+            return None
+        return layers
 
     # -- log ----------------------------------------------------------------------------------
 
     def append_log(self, level: str, message: str, t: float | None = None, **extra: Any) -> None:
         level = level.upper()
-        append_record(self.log_path, {"time": t or time.time(), "level": level, "message": message, **extra})
+        append_record(self.log_path, {"time": t or time.time(), "level": level, "message": message, **extra},
+                      root=self.path)
 
     def read_log(self, offset: int = 0) -> tuple[list[dict], int]:
-        records, new_offset = read_records(self.log_path, offset)
+        """Log records from byte ``offset`` and the offset to continue from (StateFileError when the
+        log is there but must not be read)."""
+        records, new_offset = read_records(self.log_path, offset, root=self.path)
         return [r for r in records if "_malformed" not in r], new_offset
+
+    def read_log_tail(self, offset: int, max_records: int) -> tuple[list[dict], int, int]:
+        """The newest ``max_records`` log records after ``offset``, the offset after them and how
+        many lines before them were left out; reads the file from its end."""
+        records, new_offset, skipped = read_tail(self.log_path, max_records, offset, root=self.path)
+        return [r for r in records if "_malformed" not in r], new_offset, skipped
 
     # -- alerts -------------------------------------------------------------------------------
 
     def append_alert(self, alert: dict) -> None:
         """Record an alert event: fired, updated or resolved. Same ``id`` → same episode."""
-        append_record(self.alerts_path, alert)
+        append_record(self.alerts_path, alert, root=self.path)
 
     def read_alerts(self) -> list[dict]:
-        """Alert episodes, latest state of each, oldest first."""
-        records, _ = read_records(self.alerts_path)
+        """Alert episodes, latest state of each, oldest first; records that are not alerts (a
+        list for an id, a time in the year 10^12) are skipped. StateFileError when the file is
+        there but must not be read."""
+        records, _ = read_records(self.alerts_path, root=self.path)
+        good = [r for r in records if "_malformed" not in r and alert_problem(r) is None]
         by_id: dict[str, dict] = {}
-        for r in records:
-            if "_malformed" in r or "id" not in r:
-                continue
+        for r in good:
             r.pop("v", None)
             by_id[r["id"]] = {**by_id.get(r["id"], {}), **r}
         return list(by_id.values())
+
+    def alert_ids_after(self, offset: int) -> tuple[set[str], int]:
+        """Ids of the alert episodes touched by records from byte ``offset`` on, and the offset
+        after them: what the Health tab's cursor asks for."""
+        records, end = read_records(self.alerts_path, offset, root=self.path)
+        return {r["id"] for r in records if "_malformed" not in r and alert_problem(r) is None}, end
 
     # -- control ------------------------------------------------------------------------------
 
@@ -155,7 +206,8 @@ class RunDir:
         if command not in COMMANDS:
             raise ValueError(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
         rid = uuid.uuid4().hex[:12]
-        append_record(self.control_path, {"id": rid, "command": command, "source": source, "time": time.time()})
+        append_record(self.control_path, {"id": rid, "command": command, "source": source, "time": time.time()},
+                      root=self.path)
         return rid
 
     def control_size(self) -> int:
@@ -163,32 +215,43 @@ class RunDir:
 
     def read_control(self, offset: int = 0) -> tuple[list[ControlRequest], int]:
         """New requests from ``offset``; malformed lines come back with ``error`` set."""
-        records, new_offset = read_records(self.control_path, offset)
-        out = []
-        for i, r in enumerate(records):
-            out.append(_parse_request(r, f"{offset}-{i}"))
-        return out, new_offset
+        pairs, new_offset = read_lines(self.control_path, offset, root=self.path)
+        return self.parse_control(pairs), new_offset
+
+    @staticmethod
+    def parse_control(pairs: list[tuple[int, dict]]) -> list[ControlRequest]:
+        """``(line offset, record)`` pairs as requests (bad lines with ``error`` and a stable id)."""
+        return [parse_request(record, at) for at, record in pairs]
+
+    def follow_control(self) -> Follower:
+        """A reader of new control lines that survives truncation or replacement of the file."""
+        return Follower(self.control_path, root=self.path)
 
     def acknowledge(self, request_id: str, status: str, detail: str = "", **extra: Any) -> None:
         """``status`` is ``done`` or ``rejected``; ``detail`` says what happened or why not."""
         append_record(
             self.acks_path,
             {"id": request_id, "status": status, "detail": detail, "time": time.time(), **extra},
+            root=self.path,
         )
 
     def read_acks(self) -> dict[str, dict]:
-        records, _ = read_records(self.acks_path)
-        return {r["id"]: r for r in records if "id" in r and "_malformed" not in r}
+        """Acknowledgements by request id (lines without a string id are skipped)."""
+        records, _ = read_records(self.acks_path, root=self.path)
+        return {r["id"]: r for r in records if isinstance(r.get("id"), str)}
 
     def wait_for_ack(self, request_id: str, timeout: float, poll: float = 0.05) -> dict | None:
-        """The acknowledgement of ``request_id``, or None after ``timeout`` seconds."""
+        """The acknowledgement of ``request_id``, or None after ``timeout`` seconds. Keeps looking
+        when acks.jsonl is truncated or replaced meanwhile, or is briefly not a plain file."""
         deadline = time.monotonic() + timeout
-        offset = 0
+        acks = Follower(self.acks_path, root=self.path)
         while True:
-            records, offset = read_records(self.acks_path, offset)
-            for r in records:
-                if r.get("id") == request_id:
-                    return r
+            try:
+                found = [r for _, r in acks.read() if r.get("id") == request_id]
+            except OSError:
+                found = []
+            if found:
+                return found[0]
             if time.monotonic() >= deadline:
                 return None
             time.sleep(poll)
@@ -197,45 +260,57 @@ class RunDir:
 
     def record_rank_failure(self, rank: int, message: str) -> None:
         """A rank other than 0 crashed: rank 0's heartbeat must report ``failed`` with this."""
-        append_record(self.rank_failures_path, {"rank": rank, "message": message, "time": time.time()})
+        append_record(self.rank_failures_path, {"rank": rank, "message": message, "time": time.time()},
+                      root=self.path)
 
     def rank_failures(self) -> list[dict]:
         if not file_size(self.rank_failures_path):  # the common case costs one stat
             return []
-        records, _ = read_records(self.rank_failures_path)
+        try:
+            records, _ = read_records(self.rank_failures_path, root=self.path)
+        except OSError:  # not a plain file: the heartbeat that asks must go on
+            return []
         return [r for r in records if "rank" in r]
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def list_checkpoints(self) -> list[Path]:
-        """Checkpoint files, oldest first by modification time."""
+        """Checkpoint files (regular files, never links), oldest first by modification time."""
+        if os.path.islink(self.checkpoint_dir):
+            return []
         try:
-            files = [p for p in self.checkpoint_dir.iterdir()
-                     if p.suffix == ".pt" and p.is_file() and not p.is_symlink()]
+            entries = list(os.scandir(self.checkpoint_dir))
         except OSError:
             return []
-        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+        found = []
+        for e in entries:
+            try:
+                if Path(e.name).suffix == ".pt" and e.is_file(follow_symlinks=False):
+                    found.append((e.stat(follow_symlinks=False).st_mtime, e.name, Path(e.path)))
+            except OSError:  # removed meanwhile (rotation)
+                continue
+        return [p for _, _, p in sorted(found)]
 
     def checkpoint_file(self, name: str) -> Path | None:
         """The checkpoint called ``name`` in this run, or None; never a path outside it."""
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}\.pt", name or "") or name.startswith("."):
+        if not _CHECKPOINT_NAME.fullmatch(name or "") or name.startswith("."):
             return None
         path = self.checkpoint_dir / name
-        # a symlink could point anywhere: never serve one
-        return path if path.is_file() and not path.is_symlink() else None
+        try:  # a symlink could point anywhere: never one, nor a linked checkpoints folder
+            ok = stat.S_ISDIR(os.lstat(self.checkpoint_dir).st_mode) and stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            ok = False
+        return path if ok else None
 
-
-def _parse_request(r: dict, fallback_id: str) -> ControlRequest:
-    if "_malformed" in r:
-        return ControlRequest(id=f"malformed-{fallback_id}", command="", error=f"not a JSON object: {r['_malformed'][:80]!r}")
-    rid = r.get("id")
-    if not isinstance(rid, str) or not rid:
-        rid = f"noid-{fallback_id}"
-        return ControlRequest(id=rid, command=str(r.get("command")), error="request has no id")
-    command = r.get("command")
-    if command not in COMMANDS:
-        return ControlRequest(id=rid, command=str(command), error=f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
-    return ControlRequest(id=rid, command=command, source=str(r.get("source", "")), time=float(r.get("time") or 0))
+    def open_checkpoint(self, name: str) -> int | None:
+        """A descriptor of the regular file ``checkpoints/<name>``, opened once without following
+        any symlink: serve from it, so what was checked is what is sent. None when there is none."""
+        if self.checkpoint_file(name) is None:
+            return None
+        try:
+            return open_file(self.checkpoint_dir / name, root=self.path)
+        except OSError:
+            return None
 
 
 __all__ = ["STATE_SUBDIR", "CHECKPOINT_SUBDIR", "CONFIG_FILE", "RunDir", "ControlRequest", "RunNotLiveError"]

@@ -127,7 +127,7 @@ class Status(TypedDict):
     run: str
     state: State
     epoch: Count
-    total_epochs: Count
+    total_epochs: Count | None  # None: the run is planned in steps (``total_steps``)
     batch: Count
     batches_per_epoch: Count | None
     global_step: Count
@@ -142,6 +142,7 @@ class Status(TypedDict):
     # -- optional ------------------------------------------------------------------------------
     started_at: NotRequired[float]
     epochs_done: NotRequired[Count]  # finished epochs (== epoch - 1 while one is in progress)
+    total_steps: NotRequired[Count | None]  # planned optimizer steps; None: planned in epochs
     last_step_at: NotRequired[float]  # when the last optimizer step finished
     log_counts: NotRequired[LogCounts]
     run_dir: NotRequired[str]  # absolute path of the run directory
@@ -150,6 +151,7 @@ class Status(TypedDict):
     device: NotRequired[str]  # e.g. "cpu", "cuda:0"
     message: NotRequired[str | None]  # why the run failed or stopped, one line
     last_checkpoint: NotRequired[str | None]  # file name under checkpoints/
+    resume_hint: NotRequired[str | None]  # how to continue this run after a stop, in its loop's terms
     pid: NotRequired[int]
     host: NotRequired[str]
     #: Added by readers: the state the trainer wrote, kept when ``state`` became ``unresponsive``.
@@ -176,7 +178,8 @@ class Alert(TypedDict):
 
 
 class RunSummary(TypedDict):
-    """One row of ``runs --json``. ``state`` is ``unknown`` when the status file is unreadable."""
+    """One row of ``runs --json``. ``state`` is ``unknown`` when the status file is unreadable
+    (``error`` says why)."""
 
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     run: str
@@ -196,6 +199,8 @@ class RunSummary(TypedDict):
     val_acc: Real | None
     alerts_active: Count | None
     health_score: Annotated[float, at.Ge(0), at.Le(100)] | None
+    #: Why the status could not be read (then ``state`` is ``unknown``); absent otherwise.
+    error: NotRequired[str]
 
 
 # --------------------------------------------------------------------------- validation

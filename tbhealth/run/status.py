@@ -57,6 +57,16 @@ def estimate_eta(
     return max(0.0, in_epoch_left + per_epoch * (remaining_epochs - 1))
 
 
+def estimate_steps_eta(active_s: float, steps_done: int, total_steps: int) -> float | None:
+    """Seconds left of a run planned in optimizer steps: its mean time per step so far (validation
+    included) for the steps left. None before the first step."""
+    if steps_done >= total_steps:
+        return 0.0
+    if steps_done <= 0 or active_s <= 0:
+        return None
+    return active_s / steps_done * (total_steps - steps_done)
+
+
 def metrics_with_deltas(history: list[dict]) -> dict[str, dict | None]:
     """Latest value of each epoch metric and its change from the previous epoch."""
     out: dict[str, dict | None] = {}
@@ -83,6 +93,7 @@ def build_status(p: Progress, *, system: dict | None, alerts_active: int, health
         "state": p.state,
         "epoch": p.epoch,
         "total_epochs": p.total_epochs,
+        "total_steps": p.total_steps,
         "epochs_done": p.epochs_done,
         "batch": p.batch,
         "batches_per_epoch": p.batches_per_epoch,
@@ -101,6 +112,7 @@ def build_status(p: Progress, *, system: dict | None, alerts_active: int, health
         "message": p.message,
         "run_dir": p.run_dir,
         "last_checkpoint": p.last_checkpoint,
+        "resume_hint": p.resume_hint,
         "pid": p.pid,
         "host": p.host,
     }
@@ -114,15 +126,22 @@ def build_status(p: Progress, *, system: dict | None, alerts_active: int, health
 
 
 def _eta(p: Progress, now_m: float) -> float | None:
+    """The sooner of the epoch and the step estimates, for a run planned in either or both
+    (a Lightning ``Trainer`` with ``max_epochs`` and ``max_steps`` ends at whichever comes first)."""
     if p.state == State.COMPLETED.value:
         return 0.0
     if p.state not in _ETA_STATES:
         return None
-    in_epoch = p.epoch > p.epochs_done  # between two epochs, none of the next one is done yet
-    eta = estimate_eta(p.epoch_durations, p.epochs_done, p.total_epochs,
-                       p.epoch_active_seconds(now_m) if in_epoch else 0.0, p.batch if in_epoch else 0,
-                       p.batches_per_epoch)
-    return None if eta is None else round(eta, 1)
+    estimates = []
+    if p.total_epochs is not None:
+        in_epoch = p.epoch > p.epochs_done  # between two epochs, none of the next one is done yet
+        estimates.append(estimate_eta(p.epoch_durations, p.epochs_done, p.total_epochs,
+                                      p.epoch_active_seconds(now_m) if in_epoch else 0.0, p.batch if in_epoch else 0,
+                                      p.batches_per_epoch))
+    if p.total_steps is not None:
+        estimates.append(estimate_steps_eta(p.active_seconds(now_m), p.global_step, p.total_steps))
+    known = [e for e in estimates if e is not None]
+    return round(min(known), 1) if known else None
 
 
 def effective_status(status: Any, now: float | None = None) -> dict | None:
@@ -177,9 +196,15 @@ def _count(x: Any) -> int | None:
 
 
 def progress_fraction(status: dict) -> float | None:
-    """Share of the planned work done, 0..1, from epoch/batch counts; None when unknown."""
+    """Share of the planned work done, 0..1, from epoch/batch counts or from steps of a run
+    planned in steps (the larger where both are planned); None when unknown."""
     if status.get("state") == "completed":
         return 1.0
+    known = [f for f in (_epoch_fraction(status), _step_fraction(status)) if f is not None]
+    return max(known) if known else None
+
+
+def _epoch_fraction(status: dict) -> float | None:
     epoch, total = _count(status.get("epoch")), _count(status.get("total_epochs"))
     if epoch is None or not total:
         return None
@@ -188,6 +213,11 @@ def progress_fraction(status: dict) -> float | None:
     batch = _count(status.get("batch")) or 0
     within = min(1.0, batch / per_epoch) if per_epoch and epoch else 0.0
     return max(0.0, min(1.0, (done_epochs + within) / total))
+
+
+def _step_fraction(status: dict) -> float | None:
+    step, total = _count(status.get("global_step")), _count(status.get("total_steps"))
+    return min(1.0, step / total) if step is not None and total else None
 
 
 def _metric_value(status: dict, name: str) -> Any:

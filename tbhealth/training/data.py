@@ -10,8 +10,12 @@ classification dataset needs.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
@@ -70,12 +74,29 @@ def digits(val_fraction: float = 0.2, seed: int | None = 0, as_images: bool = Fa
 
 @lru_cache(maxsize=1)
 def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    # Importing scikit-learn costs ~1 s; later calls (tests, resumed runs) reuse the tensors,
-    # which no caller mutates (indexing in split() copies).
-    from sklearn.datasets import load_digits  # ships the data inside the package
-
-    x_np, y_np = load_digits(return_X_y=True)
+    # Later calls (tests, resumed runs) reuse the tensors, which no caller mutates (indexing in
+    # split() copies).
+    x_np, y_np = _read_digits()
     return torch.from_numpy(x_np).float() / 16.0, torch.from_numpy(y_np).long()
+
+
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as ``load_digits(return_X_y=True)`` gives them, read from the file scikit-learn ships.
+
+    ``import sklearn`` costs ~2 s of start-up (it loads scipy); the data is one small gzipped CSV
+    inside the package (pixels, then the label, per row), found here without importing it.
+    Should a scikit-learn release move the file, ``load_digits`` still does the job.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = next((p for p in (Path(f, "datasets", "data", "digits.csv.gz") for f in folders) if p.is_file()), None)
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        return load_digits(return_X_y=True)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
 
 
 def synthetic_classification(

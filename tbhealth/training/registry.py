@@ -3,7 +3,10 @@
 A name is either built in (``digits``, ``mlp``, ``Adam``, ``CrossEntropyLoss``...) or an import
 path ``package.module:attribute``. Everything that can go wrong because of what the user wrote
 raises :class:`~tbhealth.config.ConfigError` naming the key (``optimizer.kwargs.betas``), never a
-traceback; :func:`config_problems` finds as much of it as possible before any data is built.
+traceback. :func:`config_problems` checks names, import paths and signatures without building
+anything (``load_config`` runs it); what only a constructor can judge surfaces from the real build
+(the trainer's) with the same message and key, or from :func:`dry_build_problems` on stand-ins
+in a process that builds nothing itself (the launcher of a distributed job). Nothing is built twice.
 
 Factories only receive what they ask for: a data factory gets ``val_fraction`` and ``seed`` and
 a model factory gets ``input_shape``, ``in_features``, ``in_channels``, ``out_features`` or
@@ -39,7 +42,7 @@ from tbhealth.training.models import FunctionLoss
 
 __all__ = [
     "DATA_BUILTINS", "MODEL_BUILTINS", "DataBundle", "FunctionLoss", "build_data", "build_loss", "build_model",
-    "build_optimizer", "build_scheduler", "check_config", "check_names", "config_problems",
+    "build_optimizer", "build_scheduler", "check_config", "check_names", "config_problems", "dry_build_problems",
     "import_object", "is_plateau", "loss_names", "optimizer_names", "scheduler_names",
 ]
 
@@ -186,7 +189,12 @@ def check_names(d: dict) -> list[Problem]:
 
 
 def config_problems(cfg: Config) -> list[Problem]:
-    """Everything wrong with ``cfg`` that shows without building data: names, imports, kwargs."""
+    """Everything wrong with ``cfg`` that shows without building anything: names, imports, signatures.
+
+    Values only a constructor judges (``betas: [0.9, 2]``, ``activation: rleu``) are left to the
+    real build, whose builders raise the same ConfigError; :func:`dry_build_problems` finds them
+    in a process that will not build (the launcher of a distributed job).
+    """
     problems = check_names(cfg.model_dump())
     if problems:
         return problems
@@ -200,18 +208,11 @@ def config_problems(cfg: Config) -> list[Problem]:
 def _factory_problems(cfg: Config) -> list[Problem]:
     data_fn, model_fn = data_factory(cfg.data.source), model_factory(cfg.model.source)
     problems = _kwargs_problems(data_fn, cfg.data.kwargs, {"val_fraction", "seed"}, "data.kwargs", cfg.data.source)
-    problems += _kwargs_problems(model_fn, cfg.model.kwargs, set(_MODEL_INFERRED), "model.kwargs", cfg.model.source)
-    if not problems and cfg.model.source in MODEL_BUILTINS:
-        try:  # built-in models are small: build one with stand-in sizes to check activation, norm...
-            stand_in = {"in_features": 4, "in_channels": 1} | ({} if "num_classes" in cfg.model.kwargs else {"out_features": 2})
-            _call(model_fn, stand_in | dict(cfg.model.kwargs), "model.kwargs", cfg.model.source, only_accepted=True)
-        except ConfigError as e:
-            problems += e.problems
-    return problems
+    return problems + _kwargs_problems(model_fn, cfg.model.kwargs, set(_MODEL_INFERRED), "model.kwargs", cfg.model.source)
 
 
 def _optimization_problems(cfg: Config) -> list[Problem]:
-    """Bind, then build optimizer and scheduler on a stand-in parameter: bad values fail now, not after data."""
+    """Optimizer and scheduler kwargs bound against the classes' signatures (nothing constructed)."""
     if "lr" in cfg.optimizer.kwargs:
         return [Problem("optimizer.kwargs.lr", "set the learning rate as optimizer.lr, not in kwargs")]
     opt_cls = optimizer_class(cfg.optimizer.name)
@@ -223,30 +224,50 @@ def _optimization_problems(cfg: Config) -> list[Problem]:
         if is_plateau_class(sched_cls) and cfg.scheduler.interval == "step":
             problems.append(Problem("scheduler.interval", f"{cfg.scheduler.name} steps on an epoch metric "
                                                           "(scheduler.monitor); use interval: epoch (got 'step')"))
-    if problems:
-        return problems
+    return problems
+
+
+def dry_build_problems(cfg: Config) -> list[Problem]:
+    """What the real build would reject, found on stand-ins, for a process that builds nothing itself.
+
+    A built-in model is built with stand-in sizes (activation, norm...), the optimizer on one
+    stand-in parameter and the scheduler on that optimizer. No data is built. Run it only after
+    :func:`config_problems` found nothing.
+    """
+    problems: list[Problem] = []
+    if cfg.model.source in MODEL_BUILTINS:
+        stand_in = {"in_features": 4, "in_channels": 1} | ({} if "num_classes" in cfg.model.kwargs else {"out_features": 2})
+        try:
+            _call(model_factory(cfg.model.source), stand_in | dict(cfg.model.kwargs), "model.kwargs",
+                  cfg.model.source, only_accepted=True)
+        except ConfigError as e:
+            problems += e.problems
     try:
-        optimizer = _trial(lambda: build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, 2))]),
-                           "optimizer.kwargs", cfg.optimizer.name)
-        if sched_cls is not None:
-            _trial(lambda: build_scheduler(cfg, optimizer, 1), "scheduler.kwargs", cfg.scheduler.name)
+        optimizer = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, 2))])
+        build_scheduler(cfg, optimizer, 1)
     except ConfigError as e:
         problems += e.problems
     return problems
 
 
-def _trial(build: Callable[[], Any], key: str, label: str) -> Any:
+def _torch_call(build: Callable[[], Any], key: str, label: str) -> Any:
+    """``build()``, any error becoming a ConfigError under ``key``: torch checks some values with
+    asserts or indexing, not ValueError, and a bad optimizer/scheduler value is the user's mistake."""
     try:
         return build()
     except ConfigError:
         raise
-    except Exception as e:  # torch validates some values with asserts/indexing, not ValueError
+    except Exception as e:
         raise ConfigError(Problem(key, f"{label!r} rejected its arguments: {type(e).__name__}: {e}")) from None
 
 
-def check_config(cfg: Config) -> None:
-    """Raise one ConfigError listing every problem :func:`config_problems` finds (a no-op after load_config)."""
-    if problems := config_problems(cfg):
+def check_config(cfg: Config, *, dry_build: bool = False) -> None:
+    """Raise one ConfigError listing every problem :func:`config_problems` finds (a no-op after
+    load_config); ``dry_build``: also what :func:`dry_build_problems` finds."""
+    problems = config_problems(cfg)
+    if not problems and dry_build:
+        problems = dry_build_problems(cfg)
+    if problems:
         raise ConfigError(problems)
 
 
@@ -368,9 +389,9 @@ def build_loss(cfg: Config) -> torch.nn.Module:
 
 
 def build_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
-    cls = optimizer_class(cfg.optimizer.name)
-    return _call(lambda **kw: cls(params, lr=cfg.optimizer.lr, **kw), dict(cfg.optimizer.kwargs),
-                 "optimizer.kwargs", cfg.optimizer.name)
+    cls, key, label = optimizer_class(cfg.optimizer.name), "optimizer.kwargs", cfg.optimizer.name
+    build = lambda **kw: cls(params, lr=cfg.optimizer.lr, **kw)  # noqa: E731
+    return _torch_call(lambda: _call(build, dict(cfg.optimizer.kwargs), key, label), key, label)
 
 
 def _scheduler_kwargs(cfg: Config, cls: type, steps_per_epoch: int) -> dict:
@@ -391,9 +412,9 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     """The LR scheduler, or None. ``steps_per_epoch`` counts optimizer steps (batches / accumulate_steps)."""
     if not cfg.scheduler.name:
         return None
-    cls = scheduler_class(cfg.scheduler.name)
+    cls, key, label = scheduler_class(cfg.scheduler.name), "scheduler.kwargs", cfg.scheduler.name
     kwargs = _scheduler_kwargs(cfg, cls, max(1, steps_per_epoch))
-    return _call(lambda **kw: cls(optimizer, **kw), kwargs, "scheduler.kwargs", cfg.scheduler.name)
+    return _torch_call(lambda: _call(lambda **kw: cls(optimizer, **kw), kwargs, key, label), key, label)
 
 
 def is_plateau_class(cls: type) -> bool:

@@ -4,13 +4,17 @@ It builds data, model, loss, optimizer and scheduler from the config, trains and
 epoch, and reports to the monitor through its public API only (the same calls any loop makes);
 it never writes TensorBoard data itself. The step keeps everything on the device (loss, correct
 predictions): the monitor decides when to read back. The monitor decides when a checkpoint is
-due (requests, stops) and calls :meth:`Trainer.save_checkpoint` with its own state to store.
+due (requests, stops) and calls :meth:`Trainer.save_checkpoint` with its own state to store; the
+trainer snapshots it and a background writer (:mod:`tbhealth.training.checkpoint_writer`) puts it
+on disk, so the training thread never waits for ``torch.save``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -20,13 +24,20 @@ from torch.utils.data import DataLoader, Sampler
 
 from tbhealth.training import checkpoint as ckpt
 from tbhealth.training import registry
+from tbhealth.training.checkpoint_writer import CheckpointWriter
 from tbhealth.training.config import Config, dump_config
 from tbhealth.distributed import DistContext
 from tbhealth.monitor import Monitor
+from tbhealth.monitor.events import Mark
+from tbhealth.monitor.orphans import drop_orphaned_scalars
+from tbhealth.monitor.sinks import is_disk_full
 from tbhealth.run.files import write_text_atomic
 from tbhealth.run.rundir import RunDir
+from tbhealth.run.states import State
 
 LR_EPS = 1e-12
+#: How long a checkpoint's writer waits for the TensorBoard events it covers to reach the disk.
+EVENTS_WAIT_S = 30.0
 
 
 class EpochOrder(Sampler[int]):
@@ -73,6 +84,7 @@ class Trainer:
         self.cfg, self.run, self.dist = cfg, RunDir(run_dir), dist
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
         saved = self._load_latest() if resume else None
+        self._orphans = self._tidy_for_resume(saved) if saved and self.rank == 0 else 0
         # a drawn seed (seed: null) is kept in the checkpoint: a resumed run splits and shuffles alike
         self.seed = cfg.seed if cfg.seed is not None else (
             saved["seed"] if saved else int(torch.initial_seed() % 2**31))
@@ -93,6 +105,7 @@ class Trainer:
         self.amp_dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.ckpts = ckpt.CheckpointManager(self.run, keep_last=cfg.checkpoint.keep_last)
+        self.writer = CheckpointWriter(self.run.path)  # rank 0's checkpoints, written off the training thread
         self.best: float | None = None
         self._skip = 0  # samples of the first epoch already trained before a mid-epoch resume
         if saved:
@@ -102,7 +115,8 @@ class Trainer:
         self.monitor = Monitor(
             run_dir=self.run.path, total_epochs=cfg.epochs, model=self.model, optimizer=self.optimizer,
             checkpoint_fn=self.save_checkpoint, health=cfg.health, log_every=cfg.logging.every_steps,
-            verbose=verbose, dist=dist,
+            verbose=verbose, dist=dist, resume_hint=f"continue it with `tbhealth train {self.run.config_path} --logdir "
+            f"{self.run.path.parent} --name {self.run.path.name} --resume` (train longer: add `--set epochs=N`)",
         )
         if saved:  # progress is counted in this job's steps: the world size may have changed
             self.monitor.load_state_dict(saved["monitor"], batch=self._skip // self._samples_per_step())
@@ -115,14 +129,18 @@ class Trainer:
         mon = self.monitor
         with mon:
             if self._resumed_from is not None:
-                mon.log("INFO", f"resumed from step {mon.global_step}, epoch {mon.epochs_done} done")
+                dropped = f"; dropped {self._orphans} TensorBoard point(s) written after that checkpoint" if self._orphans else ""
+                mon.log("INFO", f"resumed from step {mon.global_step}, epoch {mon.epochs_done} done{dropped}")
             mon.log("INFO", f"training {type(self.model).__name__} on {self.device} "
                     f"({self._param_count():,} parameters, {self.steps_per_epoch} steps/epoch)")
-            for epoch in mon.epochs(batches_per_epoch=self.steps_per_epoch):
-                self.train_epoch(epoch)
-                if mon.should_stop:
-                    break
-                self.end_epoch(epoch)
+            with self.writer.draining():  # the run ends once its checkpoints are on disk
+                for epoch in mon.epochs(batches_per_epoch=self.steps_per_epoch):
+                    self.train_epoch(epoch)
+                    if mon.should_stop:
+                        break
+                    self.end_epoch(epoch)
+            if mon.sink.writes.disk_full:  # stopped because nothing more fits: a failure, not a user's stop
+                mon.close(State.FAILED.value, mon.sink.writes.disk_full)
         return mon.state
 
     def train_epoch(self, epoch: int) -> None:
@@ -235,28 +253,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, kind: str, monitor_state: dict) -> Path:
+    def save_checkpoint(self, kind: str, monitor_state: dict) -> Path | Future[Path]:
         """The monitor's checkpoint hook, called at a step boundary: ``manual`` and ``stop`` on
         request, ``last``/``epoch``/``best`` through ``Monitor.save_checkpoint`` at an epoch's end.
         ``monitor_state`` is ``Monitor.state_dict()``; it says where the run is, and is stored for
-        the resume. Rank 0 writes; the others hold identical weights and only name the file."""
+        the resume. Rank 0 snapshots the state and returns a future of the file, written in the
+        background; the others hold identical weights and only name the file."""
         s = monitor_state
         kind = "last" if kind == "stop" else kind
         epoch, step = s["epochs_done"], s["global_step"]
         path = self.ckpts.path_for(kind, epoch=epoch, step=step)
         if self.rank != 0:
             return path
+        state = self._training_state(monitor_state)
+        events = self.monitor.sink.events_mark()  # the TensorBoard records this state covers
+        future = self.writer.save(state, path, key=_state_key(state), before_commit=partial(_events_end, events))
+        future.add_done_callback(partial(self._written, kind))
+        return future
+
+    def _training_state(self, monitor_state: dict) -> dict:
+        """Everything a resume needs, as it is at this step boundary (live tensors: the writer copies them)."""
+        s = monitor_state
+        epoch = s["epochs_done"]
         in_epoch = s["epoch"] > epoch  # stopped mid-epoch: the samples it saw are skipped on resume
         samples_done = min(s["batch"] * self._samples_per_step(), len(self.bundle.train)) if in_epoch else 0
-        state = {
+        return {
             "format": ckpt.FORMAT_VERSION, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "epoch": epoch, "batch": s["batch"],
-            "samples_done": samples_done, "world_size": self.world_size, "global_step": step,
+            "samples_done": samples_done, "world_size": self.world_size, "global_step": s["global_step"],
             "rng": ckpt.rng_state(), "config": self.cfg.model_dump(mode="json"),
             "monitor": monitor_state, "best": self.best, "seed": self.seed,
         }
-        return self.ckpts.save(state, kind, epoch=epoch, step=step)
+
+    def _written(self, kind: str, future: Future) -> None:
+        """On the writer thread, once a checkpoint is on disk (or failed): rotate epoch files;
+        report a failure nobody waits for (an epoch's end); stop on a full disk."""
+        error = future.exception()
+        if error is None:
+            if kind == "epoch":
+                self.ckpts.rotate()
+            return
+        if kind not in ("manual", "stop"):  # the controller reports the ones it asked for
+            self.monitor.log("ERROR", f"checkpoint {kind} failed: {type(error).__name__}: {error}")
+        if is_disk_full(error):
+            self.monitor.sink.writes.note_disk_full(f"{kind} checkpoint", error)
 
     def _samples_per_step(self) -> int:
         """Training samples one optimizer step consumes, over all ranks."""
@@ -276,6 +317,12 @@ class Trainer:
             self.monitor.save_checkpoint("epoch")
         self.monitor.save_checkpoint("last")
 
+    def _tidy_for_resume(self, saved: dict) -> int:
+        """Before a resume: remove the temp files a killed writer left, and the TensorBoard scalars
+        written after the checkpoint (the resumed run writes those steps again); how many went."""
+        ckpt.remove_stale_temps(self.run.checkpoint_dir, self.run.state_dir)
+        return drop_orphaned_scalars(self.run.path, saved.get("events"))
+
     def _load_latest(self) -> dict:
         path = ckpt.CheckpointManager(self.run).latest()
         if path is None:
@@ -283,6 +330,7 @@ class Trainer:
         return ckpt.load(path, map_location="cpu")  # load_state_dict moves tensors to the model's device
 
     def _restore(self, state: dict) -> None:
+        ckpt.check_resume(state, self.model, self.optimizer, self.cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
@@ -314,3 +362,18 @@ class Trainer:
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.dist.all_reduce_sum(t) if self.dist else t
+
+
+def _state_key(state: dict) -> tuple:
+    """What makes two checkpoints of one run the same state: a save with the key of the last
+    write is linked to its file instead of serialised again (best, epoch-N and last of one epoch)."""
+    m = state["monitor"]
+    return (state["global_step"], state["epoch"], state["batch"], state["best"],
+            tuple(sorted(m.get("interventions", {}).items())))
+
+
+def _events_end(mark: Mark | None, state: dict) -> None:
+    """On the writer thread: wait until the events queued before the snapshot are on disk, and
+    store where they end, so a resume can drop what a killed run wrote after (tbhealth.monitor.orphans)."""
+    if mark is not None and mark.wait(EVENTS_WAIT_S) and mark.offset is not None:
+        state["events"] = {"file": mark.path.name, "offset": mark.offset}
