@@ -50,9 +50,9 @@ def train(
     try:
         cfg = load_config(config, overrides)  # names, imports, signatures; the trainer's build judges values
         if nproc_per_node is not None:  # this process builds nothing: judge the values on stand-ins here
-            from tbhealth.training import registry
+            from tbhealth.training import validation
 
-            registry.check_config(cfg, dry_build=True)
+            validation.check_config(cfg, dry_build=True)
     except ConfigError as e:
         fail(str(e), code=ExitCode.USAGE, hint="Fix the config (or the --set value) and run again; see README 'Config reference'.")
     if nproc_per_node is not None:

@@ -6,8 +6,7 @@ TensorBoard plugin above all, can import ``tbhealth.run`` without importing torc
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tbhealth._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -23,13 +22,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tbhealth' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

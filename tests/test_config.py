@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tbhealth.training import registry
+from tbhealth.training import validation
 from tbhealth.training.config import (
     Config, ConfigError, apply_overrides, config_from_dict, dump_config, load_config,
 )
@@ -190,7 +190,7 @@ def test_bad_config_names_key_value_and_place(request, tmp_path, text, overrides
     with pytest.raises(ConfigError) as e:
         cfg = load_config(write(tmp_path, text), overrides)
         assert request.node.callspec.id in BUILD_TIME, "loading should have refused it"
-        registry.check_config(cfg, dry_build=True)
+        validation.check_config(cfg, dry_build=True)
     message = str(e.value)
     assert message.startswith("Invalid config ")
     for fragment in fragments:

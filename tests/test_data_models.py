@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tbhealth.training import registry
+from tbhealth.training import registry, validation
 from tbhealth.training.config import ConfigError, config_from_dict, load_config
 from tbhealth.training.data import digits, synthetic_classification, synthetic_regression
 from tbhealth.training.models import CNN, MLP
@@ -157,7 +157,7 @@ def test_unknown_model_kwarg_is_named_with_the_allowed_ones():
     assert "model.kwargs.hiden" in str(e.value) and "Did you mean 'hidden'" in str(e.value)
     assert "activation" in str(e.value)
     with pytest.raises(ConfigError, match="model.kwargs.hiden"):
-        registry.check_config(cfg)
+        validation.check_config(cfg)
 
 
 @pytest.fixture

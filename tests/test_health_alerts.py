@@ -73,8 +73,10 @@ def test_alert_resolves_only_when_its_rule_was_checked():
     [fired] = round_(tracker, 1e-9, now=0.0)
     assert tracker.update([], epoch=1, step=5, now=1.0, checked={"dead_neurons"}) == []  # not checked: stays open
     assert tracker.update([], epoch=1, step=5, now=1.0, checked=set()) == []
-    [resolved] = round_(tracker, 0.5, now=2.0)
+    [resolved] = round_(tracker, 0.5, now=2.0, step=9)
     assert resolved["id"] == fired["id"] and resolved["resolved"] is True
+    # when it cleared, for the tab's resolution marker; when it began stays as it was
+    assert (resolved["resolved_time"], resolved["resolved_step"], resolved["time"]) == (2.0, 9, 0.0)
     assert tracker.active() == []
     assert round_(tracker, 0.5, now=3.0) == []
 

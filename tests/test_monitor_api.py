@@ -257,6 +257,19 @@ def test_start_writes_the_runs_own_health_settings(tmp_path):
         assert mon.run.read_health_settings()["enabled"] is False
 
 
+def test_start_writes_the_measured_layers_in_model_order(tmp_path):
+    """The per-layer view's rows: every measured layer (parameters or activations) in the model's
+    own order, whatever order TensorBoard lists their series in; none without health checks."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Dropout(),
+                          nn.Linear(8, 2))
+    model[0].requires_grad_(False)  # frozen, and no activation: nothing measured
+    with make_monitor(tmp_path, "layers", model, handle_signals=False) as mon:
+        layers = mon.run.read_layers()
+    assert layers == ["1", "2.0", "2.1", "4"]
+    with make_monitor(tmp_path, "nolayers", mlp(), handle_signals=False, health=False) as mon:
+        assert mon.run.read_layers() is None
+
+
 def test_status_names_the_process_and_the_device(tmp_path, data):
     model = mlp()
     with make_monitor(tmp_path, "who", model, health=False) as mon:

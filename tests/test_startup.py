@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tbhealth.training import registry
+from tbhealth.training import registry, validation
 from tbhealth.training.config import ConfigError, config_from_dict, load_config
 
 COUNTING = textwrap.dedent("""
@@ -79,7 +79,7 @@ def test_validation_builds_nothing_and_the_trainer_builds_each_part_once(tmp_pat
 def test_build_time_mistakes_read_the_same_from_the_real_build_and_the_dry_build(d, key, fragment):
     cfg = config_from_dict(d)  # loads: only a constructor can judge these values
     with pytest.raises(ConfigError) as dry:
-        registry.check_config(cfg, dry_build=True)
+        validation.check_config(cfg, dry_build=True)
     with pytest.raises(ConfigError) as real:
         bundle = registry.build_data(cfg)
         model = registry.build_model(cfg, bundle)

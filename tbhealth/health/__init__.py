@@ -9,27 +9,20 @@ lives in :mod:`tbhealth.instruments`. Names are imported on first use (PEP 562),
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tbhealth._lazy import lazy_attributes
 
 _LAZY = {
-    "RuleId": "ids", "RULE_IDS": "ids", "SEVERITIES": "ids", "severity_of": "ids",
-    "ACTIONS": "settings", "Action": "settings", "HealthConfig": "settings", "RuleSettings": "settings",
-    "RULES": "rules", "Checked": "rules", "Compare": "rules", "EpochMetrics": "rules", "Finding": "rules", "Observation": "rules",
-    "check": "rules", "check_all": "rules", "episode_key": "rules", "evaluate": "rules",
-    "AlertEvent": "alerts", "AlertTracker": "alerts", "health_score": "alerts",
+    "RuleId": ".ids", "RULE_IDS": ".ids", "SEVERITIES": ".ids", "severity_of": ".ids",
+    "ACTIONS": ".settings", "Action": ".settings", "HealthConfig": ".settings", "RuleSettings": ".settings",
+    "RULES": ".rules", "Checked": ".rules", "Compare": ".rules", "EpochMetrics": ".rules", "Finding": ".rules", "Observation": ".rules",
+    "check": ".rules", "check_all": ".rules", "episode_key": ".rules", "evaluate": ".rules",
+    "AlertEvent": ".alerts", "AlertTracker": ".alerts", "health_score": ".alerts",
 }
 
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tbhealth.health' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"tbhealth.health.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

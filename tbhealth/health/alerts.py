@@ -19,7 +19,8 @@ record lists every affected layer in ``layers``, worst first, each ``{layer, val
 Each event's ``record`` is the whole alert, shaped like ``tbhealth alerts --json``:
 ``{id, rule, severity, message, epoch, step, time, layer, value, threshold, resolved, action}``
 plus ``rank`` under DDP, ``layers`` for per-layer rules and ``stack`` (the training thread's
-Python stack) for ``stalled``. ``epoch``/``step``/``time`` are when the episode began; a reader that
+Python stack) for ``stalled``, and ``resolved_time``/``resolved_step``/``resolved_epoch`` once it
+resolved. ``epoch``/``step``/``time`` are when the episode began; a reader that
 merges events by id (``RunDir.read_alerts``) gets the latest message, value and state.
 ``value``/``threshold`` are JSON numbers or ``null`` (NaN/Inf would not survive strict JSON).
 """
@@ -132,7 +133,7 @@ class AlertTracker:
         for key in done:
             alert = self._open.pop(key)
             self._emitted.pop(key, None)
-            alert["resolved"] = True
+            alert.update(resolved=True, resolved_time=now, resolved_step=step, resolved_epoch=epoch)
             if cleared:
                 alert["message"] = cleared[key]  # what cleared, never the firing condition
             events.append(AlertEvent(dict(alert)))

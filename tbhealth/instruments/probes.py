@@ -119,6 +119,12 @@ class Instruments:
             except Exception:  # another mode entered meanwhile and not left: the count stands, nothing to undo
                 pass
 
+    def layer_names(self) -> list[str]:
+        """Every layer measured (parameters or activations), in ``named_modules()`` order: the rows
+        of the Health tab's per-layer view, in the order a reader knows from the model."""
+        measured = {name for name, _ in self.param_layers} | {name for name, _ in self.activation_layers}
+        return [n or ROOT for n, _ in self.model.named_modules() if (n or ROOT) in measured]
+
     def coverage(self) -> str:
         """What these instruments measure on this model and what they cannot see (for the run's log)."""
         return describe(self.model, [name for name, _ in self.param_layers],

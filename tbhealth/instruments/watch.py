@@ -60,6 +60,10 @@ class HealthWatch:
         self.training_thread: int | None = None  # whose stack a stall shows
         self._dense, self._every = self.cfg.dense_steps, self.cfg.every_steps  # plain ints: read every step
 
+    def layer_names(self) -> list[str] | None:
+        """The measured layers in model order (None: checks off), for the per-layer view."""
+        return self.instruments.layer_names() if self.instruments is not None else None
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` of an earlier session: open alerts keep their ids (and
         are not new), the divergence baseline and the windowed histories carry over."""

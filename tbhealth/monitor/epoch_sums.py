@@ -9,6 +9,8 @@ them to the steps it trains, so the resumed epoch's means cover the whole epoch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from tbhealth.distributed import DistContext
@@ -70,6 +72,14 @@ class EpochSums:
     def empty(self) -> bool:
         """Nothing reported this epoch (nor before a resume into it)."""
         return self._loss is None and not self._pending and not self._resumed
+
+    def fill_in(self, loss: Any, acc: Any) -> tuple[Any, Any, float | None]:
+        """``(train loss, train accuracy, predictions counted)``: what the loop gave, and where it
+        gave no loss the epoch's means (one read-back); the count only for an accuracy from here."""
+        if loss is not None or self.empty:
+            return loss, acc, None
+        loss, mean_acc = self.means()
+        return (loss, mean_acc, self.counted) if acc is None else (loss, acc, None)
 
     def means(self) -> tuple[float, float | None]:
         """The epoch's mean train loss and accuracy (over all ranks under DDP): one read-back."""

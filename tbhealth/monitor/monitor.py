@@ -12,19 +12,12 @@ Any loop can use it (the config-driven Trainer is one user)::
             if mon.should_stop: break             # a stopped epoch is not a finished one
             mon.end_epoch(val_loss=..., val_acc=...)
 
-Cost on the training thread (see benchmarks/): ``step()`` appends the loss tensor to a list and
-does a few integer and time checks (~10 µs). Every ``log_every`` steps it sums the listed losses
-on the device and reads the loss, the running sum and the gradient norm back in ONE transfer
-(the only host-device sync) and queues one event. Health instruments exist only on sampled steps.
-
-The parts, each built here with everything it needs (dependencies point one way, down):
-:class:`~tbhealth.monitor.progress.Progress` (what the loop reported),
-:class:`~tbhealth.monitor.epoch_sums.EpochSums` (the epoch's device-side sums),
-:class:`~tbhealth.monitor.readings.Readings` (the read-backs of logging and sampled steps),
-:class:`~tbhealth.monitor.sinks.Sink` and ``RunLog`` (where records go; rank 0 writes),
-:class:`~tbhealth.monitor.controller.Controller` (requests, pause, stop, signals, actions),
-:class:`~tbhealth.monitor.heartbeat.Heartbeat` (the status, every second) and
-:class:`~tbhealth.monitor.watchdog.Watchdog` (wall-clock rules and system scalars).
+Cost on the training thread (see benchmarks/): ``step()`` appends the loss tensor (and the norm
+it was given) to a list and does a few integer checks. Every ``log_every`` steps, and each of the
+first ``health.dense_steps``, it folds the list on the device and reads the loss, the window's
+aggregates and the gradient norm back in ONE transfer (the only host-device sync) and queues one
+event. Health instruments exist only on sampled steps. The parts built here, each given what it
+needs (dependencies point one way, down), are listed in :mod:`tbhealth.monitor`.
 """
 
 from __future__ import annotations
@@ -46,6 +39,7 @@ from tbhealth.instruments.window import StepWindow
 from tbhealth.monitor.checkpoints import CheckpointHook, atomic_path, plain, save_atomic
 from tbhealth.monitor.control import ControlChannel
 from tbhealth.monitor.controller import Controller, StepInterrupted
+from tbhealth.monitor.epoch_metrics import current_lr, epoch_metrics
 from tbhealth.monitor.epoch_sums import EpochSums
 from tbhealth.monitor.heartbeat import Heartbeat
 from tbhealth.monitor.progress import Progress
@@ -57,7 +51,7 @@ from tbhealth.monitor.system import SystemSampler
 from tbhealth.monitor.watchdog import Watchdog
 from tbhealth.run.rundir import RunDir
 from tbhealth.run.states import State
-from tbhealth.run.status import METRIC_KEYS, METRIC_TAGS
+from tbhealth.run.status import METRIC_TAGS
 
 
 class Monitor:
@@ -68,25 +62,21 @@ class Monitor:
             or when ``resume_state`` names a run folder that exists.
         total_epochs, total_steps: the planned epochs and/or optimizer steps, for progress and ETA;
             a run ends at whichever comes first (:meth:`epochs` stops there). Either may be None.
-        model, optimizer: instrumented for gradient norms and health checks (optional).
-        checkpoint_fn: ``fn(kind, state) -> Path`` (or ``fn(kind) -> Path``) writes a checkpoint and
-            returns its file; ``kind`` is ``manual`` (a request), ``stop`` (before stopping) or what
-            :meth:`save_checkpoint` was given; ``state`` is :meth:`state_dict` at that step boundary,
-            to store for a resume. It may return a ``concurrent.futures.Future`` of the file
-            instead (a write in the background): a ``checkpoint`` request is then acknowledged
-            once the future is done, and a stop waits for it. Without it, checkpoint requests
-            are refused.
+        model, optimizer: instrumented for gradient norms and health checks; the lr (optional).
+        checkpoint_fn: ``fn(kind, state) -> Path`` (or ``fn(kind)``, or returning a ``Future`` of
+            the file: see :mod:`tbhealth.monitor.checkpoints`) writes a checkpoint; ``kind`` is
+            ``manual``, ``stop`` or what :meth:`save_checkpoint` was given; ``state`` is
+            :meth:`state_dict`, to store for a resume. Without it, checkpoint requests are refused.
         health: the ``health:`` settings (dict or HealthConfig); ``False`` turns checks off.
         log_every: read values back and log per-step scalars every this many steps.
         resume_state: ``Monitor.state_dict()`` from a checkpoint: continues that run, in the same
             folder (the state names it), with its progress, history, alerts and intervention counts.
-        resume_hint: how a stopped run of this loop continues, for the stop message and the CLI's
-            answers (default: :data:`RESUME_HINT`).
+        resume_hint: how a stopped run of this loop continues (stop message, CLI answers).
         handle_signals: ``True``: the first SIGINT/SIGTERM/SIGHUP stops with a checkpoint, a second
             SIGINT aborts; ``"chain"``: the same, then the handler found before is called too (a
             framework's own); ``False``: signals are left alone.
-        dist: under torch.distributed (tbhealth.distributed.DistContext): rank 0 writes events,
-            status and checkpoints; every rank logs, is measured, and obeys control at the same step.
+        dist: a tbhealth.distributed.DistContext under torch.distributed: rank 0 writes the run's
+            files; every rank logs, is measured, and obeys control at the same step.
         heartbeat_s: the status, the system readings and the wall-clock rules refresh this often
             (seconds); keep it well under 10 s, after which readers call a run unresponsive.
     """
@@ -135,8 +125,7 @@ class Monitor:
         self._readings = Readings(p, self.sums, self.sink, model=model, health=self.health,
                                   judge=self.health if lead else None, dist=dist, record=self._record_alerts,
                                   window=self._window, note=lambda text: log.write("INFO", text, echo=False))
-        self._started = self._closed = False
-        self._epochs_started = 0
+        self._started, self._closed, self._epochs_started = False, False, 0
         if resume_state:
             self.load_state_dict(resume_state)
 
@@ -163,7 +152,8 @@ class Monitor:
         p = self.progress
         try:
             settings = self.health.cfg if self.health is not None else HealthConfig(enabled=False)
-            self.sink.open(settings.model_dump(mode="json"))  # the Health tab judges with these
+            self.sink.open(settings.model_dump(mode="json"),  # the Health tab judges with these
+                           self.health.layer_names() if self.health is not None else None)
             stale = self._channel.reject_stale() if self._channel is not None else 0
             if stale:
                 self.log("WARNING", f"rejected {stale} control request(s) sent while the run was not live")
@@ -220,7 +210,7 @@ class Monitor:
         """Epoch numbers (1-based) still to train: until ``total_epochs`` are done or
         ``total_steps`` reached (neither planned: until a stop); ends early on a stop."""
         epoch = self.progress.epochs_done
-        while self._more_planned(epoch):
+        while self.progress.more_planned(epoch):
             epoch += 1
             self.start_epoch(epoch, batches_per_epoch)
             if self.should_stop:
@@ -275,7 +265,8 @@ class Monitor:
                 health.note_first_loss(loss)
         regular = p.global_step % self.log_every == 0
         if regular or p.global_step <= self._dense:  # the losses first: under DDP they name the rank
-            self._readings.log_step(loss, grad_norm, self._lr_scalar(lr), closes=regular)
+            rate = current_lr(self.optimizer, lr)
+            self._readings.log_step(loss, grad_norm, {} if rate is None else {"step/lr": rate}, closes=regular)
         if health is not None:
             if health.armed:
                 self._readings.sample(grad_norm)
@@ -300,16 +291,12 @@ class Monitor:
         p = self.progress
         if self.health is not None:
             self._readings.close_window()
-        train_count = None
-        if train_loss is None and not self.sums.empty:
-            train_loss, acc = self.sums.means()
-            train_acc, train_count = (acc, self.sums.counted) if train_acc is None else (train_acc, None)
-        if lr is None and self.optimizer is not None:
-            lr = float(self.optimizer.param_groups[0]["lr"])
-        train_acc = self._fraction("train_acc", train_acc, train_count)
-        val_acc = self._fraction("val_acc", val_acc, val_count)
-        given = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
-        metrics = {k: _f(given[k]) for k in METRIC_KEYS}
+        train_loss, train_acc, train_count = self.sums.fill_in(train_loss, train_acc)
+        metrics, refused = epoch_metrics(train_loss=train_loss, train_acc=train_acc, train_count=train_count,
+                                         val_loss=val_loss, val_acc=val_acc, val_count=val_count,
+                                         lr=current_lr(self.optimizer, lr))
+        for why in refused:
+            self.log("WARNING", f"epoch {p.epoch}: {why}")
         seconds = p.finish_epoch(metrics)
         values = {METRIC_TAGS[k]: v for k, v in metrics.items() if v is not None}
         self.sink.scalars(p.epoch, values | {k: float(v) for k, v in scalars.items()})
@@ -323,9 +310,8 @@ class Monitor:
         return metrics
 
     def gradients_ready(self) -> None:
-        """Call after ``backward()`` (and ``scaler.unscale_``), before gradient clipping: on sampled
-        steps the per-layer gradient norms are taken now, before clipping scales them (else at
-        :meth:`step`, after it). Nothing runs on other steps; no sync."""
+        """Call after ``backward()`` (and ``scaler.unscale_``), before clipping: sampled steps take
+        their per-layer gradient norms now, not after clipping scaled them. No sync."""
         if self.health is not None:
             self.health.gradients_ready()
 
@@ -339,9 +325,8 @@ class Monitor:
         self._log.write(level, message, echo=echo)
 
     def save_checkpoint(self, kind: str) -> Path | Future[Path] | None:
-        """Write a checkpoint now through ``checkpoint_fn`` (e.g. ``last`` at an epoch's end), with
-        :meth:`state_dict` as it is now; it becomes the status's ``last_checkpoint``. Returns what
-        ``checkpoint_fn`` returned (the file, or a future of it), or None without one. Call it between steps."""
+        """Write a checkpoint now through ``checkpoint_fn`` (e.g. ``last`` at an epoch's end), between
+        steps; it becomes the status's ``last_checkpoint``. Returns what ``checkpoint_fn`` returned."""
         return self._checkpoint(kind)
 
     def save_atomic(self, obj: Any, name: str | os.PathLike) -> Path:
@@ -379,10 +364,9 @@ class Monitor:
         """What a checkpoint keeps so a resumed run continues its folder, progress, history and alerts.
 
         ``run_dir`` names the run (``Monitor(resume_state=...)`` reopens it); ``epochs_done``,
-        ``epoch`` (in progress), ``batch`` (done in it) and ``global_step`` say where it is; a
-        mid-epoch state also holds the epoch's sums (one read-back, here). Plain JSON types only
-        (numbers, strings, lists, dicts; NaN as Python's ``json`` writes it): ``torch.save``,
-        ``json.dump`` and a framework's JSON state files all keep it as it is.
+        ``epoch``, ``batch`` and ``global_step`` say where it is; a mid-epoch state also holds the
+        epoch's sums (one read-back, here). Plain JSON types only: ``torch.save``, ``json.dump``
+        and a framework's JSON state files all keep it as it is.
         """
         p = self.progress
         return plain({**p.state_dict(), "health": self.health.state_dict() if self.health is not None else None,
@@ -405,26 +389,6 @@ class Monitor:
 
     # ------------------------------------------------------------------ internals
 
-    def _fraction(self, name: str, acc: Any, count: float | None) -> float | None:
-        """``acc`` if it is a fraction 0–1, else None and a warning that says why."""
-        value = _f(acc)
-        if value is None or 0.0 <= value <= 1.0 or value != value:
-            return value
-        why = (f"correct ({value * count:.0f}) > n ({count:.0f}): pass n = the number of predictions "
-               "`correct` counts (tokens for (N, T) sequence targets)" if count else "accuracies are fractions 0–1")
-        self.log("WARNING", f"{name} {value:.4g} not recorded for epoch {self.progress.epoch}: {why}")
-        return None
-    def _more_planned(self, epochs_done: int) -> bool:
-        p = self.progress
-        return ((p.total_epochs is None or epochs_done < p.total_epochs)
-                and (p.total_steps is None or p.global_step < p.total_steps))
-
-    def _lr_scalar(self, lr: float | None) -> dict:
-        """``step/lr`` of a logging step: the rate the loop passed, else the optimizer's now."""
-        if lr is None and self.optimizer is not None:
-            lr = self.optimizer.param_groups[0]["lr"]
-        return {} if lr is None else {"step/lr": float(lr)}
-
     def _record_alerts(self, events: list[AlertEvent]) -> None:
         """Record alert events (training thread or watchdog); actions wait for the next boundary."""
         for action, rule in record_alerts(events, self.sink, self._log):
@@ -434,6 +398,3 @@ class Monitor:
         if events:
             self._heartbeat.poke()
 
-
-def _f(v: Any) -> float | None:
-    return None if v is None else float(v.item() if hasattr(v, "item") else v)

@@ -61,6 +61,11 @@ class Progress:
         paused = self.epoch_paused_s + (now - self.paused_since if self.paused_since is not None else 0.0)
         return max(0.0, now - self.epoch_start - paused)
 
+    def more_planned(self, epochs_done: int) -> bool:
+        """Whether an epoch after ``epochs_done`` is planned: neither end reached (none set: always)."""
+        return ((self.total_epochs is None or epochs_done < self.total_epochs)
+                and (self.total_steps is None or self.global_step < self.total_steps))
+
     def begin_epoch(self, epoch: int, batches: int | None, batch: int = 0) -> None:
         """Epoch ``epoch`` starts (``batch`` of its batches already done, after a resume)."""
         self.epoch, self.batches_per_epoch, self.batch = epoch, batches, batch

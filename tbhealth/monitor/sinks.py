@@ -146,8 +146,9 @@ class Sink:
     def __init__(self) -> None:
         self.writes = StateWrites()  # how this process's state-file writes are doing
 
-    def open(self, health_settings: dict) -> None:
-        """Start writing; ``health_settings`` are the run's resolved ``health:`` thresholds."""
+    def open(self, health_settings: dict, layers: list[str] | None = None) -> None:
+        """Start writing; ``health_settings`` are the run's resolved ``health:`` thresholds,
+        ``layers`` the measured layers in model order (None: health checks off)."""
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """TensorBoard scalars of one step, as one event."""
@@ -180,9 +181,11 @@ class RunSink(Sink):
         self._status_lock = threading.Lock()  # the heartbeat thread and close() both write
         self._final_written = False
 
-    def open(self, health_settings: dict) -> None:
+    def open(self, health_settings: dict, layers: list[str] | None = None) -> None:
         self._run.state_dir.mkdir(parents=True, exist_ok=True)
         self._run.write_health_settings(health_settings)
+        if layers:
+            self._run.write_layers(layers)
         self._writer = EventWriter(self._run.path, flush_secs=1.0)
         self._writer.custom_scalars(CUSTOM_SCALARS)
 

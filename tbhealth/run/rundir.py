@@ -133,11 +133,11 @@ class RunDir:
         (``named_modules()`` order), written once at start. TensorBoard lists the per-layer series
         ``health/<metric>/<layer>`` in an order of its own (the Rust data server's is arbitrary);
         the Health tab's per-layer view orders its rows by this list."""
-        write_json_atomic(self.layers_path, {"v": FORMAT_VERSION, "layers": [str(n) for n in names]})
+        write_json_atomic(self.layers_path, {"v": FORMAT_VERSION, "layers": [str(n) for n in names]}, root=self.path)
 
     def read_layers(self) -> list[str] | None:
         """The layer names in model order, or None when the run did not write them."""
-        doc = read_json(self.layers_path)
+        doc = read_json(self.layers_path, root=self.path)
         layers = doc.get("layers") if isinstance(doc, dict) else None
         if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
             return None

@@ -313,7 +313,7 @@ def _load(p: Path, overrides: Sequence[str]) -> Config:
 
 def config_from_dict(d: dict, source: str = "<dict>", positions: dict[tuple, str] | None = None) -> Config:
     """Validate ``d`` and check names, import paths and kwargs against signatures (nothing is built)."""
-    from tbhealth.training import registry  # imports torch; only when something is validated
+    from tbhealth.training import registry, validation  # import torch; only when something is validated
 
     positions = positions or {}
     if not isinstance(d, dict):
@@ -325,7 +325,7 @@ def config_from_dict(d: dict, source: str = "<dict>", positions: dict[tuple, str
         reported = {p.path for p in problems}
         problems += [p for p in registry.check_names(d) if p.path not in reported]
         raise ConfigError(_locate(problems, positions), source=source) from None
-    problems = registry.config_problems(cfg)
+    problems = validation.config_problems(cfg)
     if problems:
         raise ConfigError(_locate(problems, positions), source=source)
     return cfg

@@ -3,10 +3,9 @@
 A name is either built in (``digits``, ``mlp``, ``Adam``, ``CrossEntropyLoss``...) or an import
 path ``package.module:attribute``. Everything that can go wrong because of what the user wrote
 raises :class:`~tbhealth.config.ConfigError` naming the key (``optimizer.kwargs.betas``), never a
-traceback. :func:`config_problems` checks names, import paths and signatures without building
-anything (``load_config`` runs it); what only a constructor can judge surfaces from the real build
-(the trainer's) with the same message and key, or from :func:`dry_build_problems` on stand-ins
-in a process that builds nothing itself (the launcher of a distributed job). Nothing is built twice.
+traceback. :mod:`tbhealth.training.validation` checks a config with these resolvers and the
+signatures of what they find, without building anything; what only a constructor can judge
+surfaces from the real build (the trainer's) with the same message and key. Nothing is built twice.
 
 Factories only receive what they ask for: a data factory gets ``val_fraction`` and ``seed`` and
 a model factory gets ``input_shape``, ``in_features``, ``in_channels``, ``out_features`` or
@@ -42,7 +41,7 @@ from tbhealth.training.models import FunctionLoss
 
 __all__ = [
     "DATA_BUILTINS", "MODEL_BUILTINS", "DataBundle", "FunctionLoss", "build_data", "build_loss", "build_model",
-    "build_optimizer", "build_scheduler", "check_config", "check_names", "config_problems", "dry_build_problems",
+    "build_optimizer", "build_scheduler", "check_names",
     "import_object", "is_plateau", "loss_names", "optimizer_names", "scheduler_names",
 ]
 
@@ -52,7 +51,7 @@ DATA_BUILTINS = {
     "synthetic_regression": "tbhealth.training.data:synthetic_regression",
 }
 MODEL_BUILTINS = {"mlp": "tbhealth.training.models:MLP", "cnn": "tbhealth.training.models:CNN"}
-_MODEL_INFERRED = ("input_shape", "in_features", "in_channels", "out_features", "num_classes")
+MODEL_INFERRED = ("input_shape", "in_features", "in_channels", "out_features", "num_classes")
 
 
 @dataclass
@@ -188,69 +187,7 @@ def check_names(d: dict) -> list[Problem]:
     return problems
 
 
-def config_problems(cfg: Config) -> list[Problem]:
-    """Everything wrong with ``cfg`` that shows without building anything: names, imports, signatures.
-
-    Values only a constructor judges (``betas: [0.9, 2]``, ``activation: rleu``) are left to the
-    real build, whose builders raise the same ConfigError; :func:`dry_build_problems` finds them
-    in a process that will not build (the launcher of a distributed job).
-    """
-    problems = check_names(cfg.model_dump())
-    if problems:
-        return problems
-    problems = _factory_problems(cfg) + _optimization_problems(cfg)
-    if cfg.scheduler.monitor.endswith("_acc") and cfg.resolved_task == "regression":
-        problems.append(Problem("scheduler.monitor", f"{cfg.scheduler.monitor!r} needs accuracy, which a regression "
-                                                     "task does not compute; use val_loss or train_loss, or set task"))
-    return problems
-
-
-def _factory_problems(cfg: Config) -> list[Problem]:
-    data_fn, model_fn = data_factory(cfg.data.source), model_factory(cfg.model.source)
-    problems = _kwargs_problems(data_fn, cfg.data.kwargs, {"val_fraction", "seed"}, "data.kwargs", cfg.data.source)
-    return problems + _kwargs_problems(model_fn, cfg.model.kwargs, set(_MODEL_INFERRED), "model.kwargs", cfg.model.source)
-
-
-def _optimization_problems(cfg: Config) -> list[Problem]:
-    """Optimizer and scheduler kwargs bound against the classes' signatures (nothing constructed)."""
-    if "lr" in cfg.optimizer.kwargs:
-        return [Problem("optimizer.kwargs.lr", "set the learning rate as optimizer.lr, not in kwargs")]
-    opt_cls = optimizer_class(cfg.optimizer.name)
-    problems = _kwargs_problems(opt_cls, cfg.optimizer.kwargs, {"params", "lr"}, "optimizer.kwargs", cfg.optimizer.name)
-    sched_cls = scheduler_class(cfg.scheduler.name) if cfg.scheduler.name else None
-    if sched_cls is not None:
-        kwargs = _scheduler_kwargs(cfg, sched_cls, 1)
-        problems += _kwargs_problems(sched_cls, kwargs, {"optimizer"}, "scheduler.kwargs", cfg.scheduler.name)
-        if is_plateau_class(sched_cls) and cfg.scheduler.interval == "step":
-            problems.append(Problem("scheduler.interval", f"{cfg.scheduler.name} steps on an epoch metric "
-                                                          "(scheduler.monitor); use interval: epoch (got 'step')"))
-    return problems
-
-
-def dry_build_problems(cfg: Config) -> list[Problem]:
-    """What the real build would reject, found on stand-ins, for a process that builds nothing itself.
-
-    A built-in model is built with stand-in sizes (activation, norm...), the optimizer on one
-    stand-in parameter and the scheduler on that optimizer. No data is built. Run it only after
-    :func:`config_problems` found nothing.
-    """
-    problems: list[Problem] = []
-    if cfg.model.source in MODEL_BUILTINS:
-        stand_in = {"in_features": 4, "in_channels": 1} | ({} if "num_classes" in cfg.model.kwargs else {"out_features": 2})
-        try:
-            _call(model_factory(cfg.model.source), stand_in | dict(cfg.model.kwargs), "model.kwargs",
-                  cfg.model.source, only_accepted=True)
-        except ConfigError as e:
-            problems += e.problems
-    try:
-        optimizer = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, 2))])
-        build_scheduler(cfg, optimizer, 1)
-    except ConfigError as e:
-        problems += e.problems
-    return problems
-
-
-def _torch_call(build: Callable[[], Any], key: str, label: str) -> Any:
+def _torchcall_with(build: Callable[[], Any], key: str, label: str) -> Any:
     """``build()``, any error becoming a ConfigError under ``key``: torch checks some values with
     asserts or indexing, not ValueError, and a bad optimizer/scheduler value is the user's mistake."""
     try:
@@ -261,16 +198,6 @@ def _torch_call(build: Callable[[], Any], key: str, label: str) -> Any:
         raise ConfigError(Problem(key, f"{label!r} rejected its arguments: {type(e).__name__}: {e}")) from None
 
 
-def check_config(cfg: Config, *, dry_build: bool = False) -> None:
-    """Raise one ConfigError listing every problem :func:`config_problems` finds (a no-op after
-    load_config); ``dry_build``: also what :func:`dry_build_problems` finds."""
-    problems = config_problems(cfg)
-    if not problems and dry_build:
-        problems = dry_build_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-
-
 def _params(fn: Callable) -> dict[str, inspect.Parameter] | None:
     try:
         return dict(inspect.signature(fn).parameters)
@@ -278,7 +205,7 @@ def _params(fn: Callable) -> dict[str, inspect.Parameter] | None:
         return None  # some C callables have no signature: nothing to check
 
 
-def _kwargs_problems(fn: Callable, kwargs: dict, provided: set[str], key: str, label: str) -> list[Problem]:
+def kwargs_problems(fn: Callable, kwargs: dict, provided: set[str], key: str, label: str) -> list[Problem]:
     params = _params(fn)
     if params is None:
         return []
@@ -298,7 +225,7 @@ def _kwargs_problems(fn: Callable, kwargs: dict, provided: set[str], key: str, l
     return problems
 
 
-def _call(fn: Callable, kwargs: dict, key: str, label: str, only_accepted: bool = False) -> Any:
+def call_with(fn: Callable, kwargs: dict, key: str, label: str, only_accepted: bool = False) -> Any:
     """``fn(**kwargs)``; a TypeError/ValueError (bad argument) becomes a ConfigError naming ``key``."""
     if only_accepted and (params := _params(fn)) is not None:
         kwargs = {k: v for k, v in kwargs.items() if k in params}
@@ -314,9 +241,9 @@ def _call(fn: Callable, kwargs: dict, key: str, label: str, only_accepted: bool 
 
 def _checked_call(fn: Callable, kwargs: dict, key: str, label: str) -> Any:
     """Like :func:`_call`, but unknown/missing arguments are named one by one first."""
-    if problems := _kwargs_problems(fn, kwargs, set(), key, label):
+    if problems := kwargs_problems(fn, kwargs, set(), key, label):
         raise ConfigError(problems)
-    return _call(fn, kwargs, key, label)
+    return call_with(fn, kwargs, key, label)
 
 
 
@@ -382,7 +309,7 @@ def build_loss(cfg: Config) -> torch.nn.Module:
     """The loss as a module: a torch.nn class is instantiated, a plain function is wrapped."""
     obj = loss_object(cfg.loss)
     if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
-        return _call(obj, {}, "loss", cfg.loss)
+        return call_with(obj, {}, "loss", cfg.loss)
     if isinstance(obj, torch.nn.Module):
         return obj
     return FunctionLoss(obj)
@@ -391,10 +318,10 @@ def build_loss(cfg: Config) -> torch.nn.Module:
 def build_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
     cls, key, label = optimizer_class(cfg.optimizer.name), "optimizer.kwargs", cfg.optimizer.name
     build = lambda **kw: cls(params, lr=cfg.optimizer.lr, **kw)  # noqa: E731
-    return _torch_call(lambda: _call(build, dict(cfg.optimizer.kwargs), key, label), key, label)
+    return _torchcall_with(lambda: call_with(build, dict(cfg.optimizer.kwargs), key, label), key, label)
 
 
-def _scheduler_kwargs(cfg: Config, cls: type, steps_per_epoch: int) -> dict:
+def scheduler_kwargs(cfg: Config, cls: type, steps_per_epoch: int) -> dict:
     kwargs = dict(cfg.scheduler.kwargs)
     span = cfg.epochs * (steps_per_epoch if cfg.scheduler.interval == "step" else 1)
     if cls.__name__ == "OneCycleLR":
@@ -413,8 +340,8 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     if not cfg.scheduler.name:
         return None
     cls, key, label = scheduler_class(cfg.scheduler.name), "scheduler.kwargs", cfg.scheduler.name
-    kwargs = _scheduler_kwargs(cfg, cls, max(1, steps_per_epoch))
-    return _torch_call(lambda: _call(lambda **kw: cls(optimizer, **kw), kwargs, key, label), key, label)
+    kwargs = scheduler_kwargs(cfg, cls, max(1, steps_per_epoch))
+    return _torchcall_with(lambda: call_with(lambda **kw: cls(optimizer, **kw), kwargs, key, label), key, label)
 
 
 def is_plateau_class(cls: type) -> bool:
