@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tbhealth.health.settings import HealthConfig
 from tbhealth.run.rundir import RunDir
 from tests.integration_helpers import (REPO, acks, import_error_without, kill_if_alive, only_run, run_app, scalars,
                                        start_app, steer, stopped_by_divergence, wait_run)
@@ -68,7 +69,9 @@ def test_control_from_the_cli_sigterm_through_lightnings_handler_and_a_resume_in
     stop_ckpt = next((run / "checkpoints").glob("stop-step-*.ckpt"))
     acc = scalars(run)
     logged = [e.step for e in acc.Scalars("step/loss")]
-    assert logged and all(s % 4 == 0 for s in logged)  # one step per optimizer step, read every 4th
+    dense = HealthConfig().dense_steps  # the run's first optimizer steps each log too
+    assert logged[:dense] == list(range(1, dense + 1))
+    assert all(s % 4 == 0 for s in logged[dense:])  # one step per optimizer step, read every 4th
     assert {"step/grad_norm", "step/lr"} <= set(acc.Tags()["scalars"])
     stopped_at, done = status["global_step"], status["epochs_done"]
 

@@ -114,11 +114,14 @@ def test_events_of_a_steered_run_hold_every_kind(logdir, client):
 
 
 @slow
-def test_resolved_alerts_are_placed_from_the_log(logdir):
-    resolved = [e for e in events_of(logdir, "vanishing20") if e["kind"] == "alert" and e["resolved"]]
-    assert resolved, "one of the middle layers' gradients hovers at the threshold and resolves"
+def test_resolved_alerts_are_placed_where_they_cleared(logdir):
+    records = {a["id"]: a for a in RunDir(logdir / "eventful").read_alerts() if a["resolved"]}
+    resolved = [e for e in events_of(logdir, "eventful") if e["kind"] == "alert" and e["resolved"]]
+    assert records and len(resolved) == len(records), "the LR of 0.5 explodes the gradients for a while"
     for e in resolved:
-        assert e["time"] is not None and e["step"] is not None and e["epoch_x"] is not None
+        record = records[e["id"]]
+        assert (e["time"], e["step"]) == (record["resolved_time"], record["resolved_step"])
+        assert e["step"] > record["step"] and e["epoch_x"] is not None
 
 
 def events_of(logdir, run):

@@ -119,9 +119,11 @@ def test_alert_history_filters_and_links_to_the_chart(board, page):
     wait_for(lambda: rows.count() == len(alerts), 30, "every alert in the history")
     rule = alerts[0]["rule"]
     f.locator(tid("alert-filter-rule")).select_option(rule)
-    assert rows.count() == sum(a["rule"] == rule for a in alerts)
+    of_rule = sum(a["rule"] == rule for a in alerts)
+    wait_for(lambda: rows.count() == of_rule, 20, f"the {rule} alerts only")
     f.locator(tid("alert-filter-status")).select_option("resolved")
-    assert rows.count() == sum(a["rule"] == rule and a.get("resolved") for a in alerts)
+    resolved = sum(a["rule"] == rule and a.get("resolved") for a in alerts)
+    wait_for(lambda: rows.count() == resolved, 20, f"the resolved {rule} alerts only")
     f.locator(tid("alert-filter-rule")).select_option("")
     f.locator(tid("alert-filter-status")).select_option("")
     target = rows.first.get_attribute("data-alert-id")

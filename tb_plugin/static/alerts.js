@@ -79,7 +79,7 @@ export class AlertsView {
   select(name, all) {
     return h('select', {testid: `alert-filter-${name}`, 'aria-label': all, onChange: (e) => {
       this.filters[name] = e.target.value;
-      this.body.dataset.sig = '';
+      delete this.body.dataset.sig;  // redraw even when no row is left ('' is the empty table's signature)
       if (this.last) this.update(...this.last);
     }}, h('option', {value: '', text: all}));
   }
