@@ -160,7 +160,8 @@ def test_grid_aligns_and_bins():
 @slow
 def test_layers_of_a_deep_sigmoid_net(logdir, client):
     data = get(client, "/layers", run="vanishing20").get_json()
-    assert data["order"] == "name"
+    assert data["order"] == "model"  # the run wrote its measured layers in model order at start
+    assert RunDir(logdir / "vanishing20").read_layers()[:4] == ["fc1", "act1", "fc2", "act2"]
     grad = data["metrics"]["grad_norm"]
     assert grad["layers"] == [f"fc{i}" for i in range(1, 21)] + ["out"]  # fc2 before fc10; no "global"
     assert len(grad["values"]) == len(grad["layers"]) and all(len(r) == len(grad["steps"]) for r in grad["values"])
