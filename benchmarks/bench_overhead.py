@@ -53,6 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = ROOT / "benchmarks" / "plain_loop.py"
+PROBE = ROOT / "benchmarks" / "startup_probe.py"
 EXAMPLES = {"mlp": ROOT / "examples" / "digits.yaml", "cnn": ROOT / "examples" / "digits_cnn.yaml"}
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
 #: Children run from bytecode, as an installed package does: with ``PYTHONDONTWRITEBYTECODE`` set
@@ -92,6 +93,7 @@ class Run:
     epoch_active: list[float] = field(default_factory=list)  # start to end of each epoch's own work
     cpu_total: float = 0.0  # CPU seconds of the whole process (all threads), from getrusage
     epoch_cpu: list[float] = field(default_factory=list)  # process CPU at each epoch end (plain_loop.py only)
+    first_step_cpu: float | None = None  # process CPU seconds when step 1 was done (start-up runs)
 
     def cpu_per_epoch(self) -> float | None:
         """Process CPU seconds per epoch (epochs 2..N), where the run reads its own CPU clock
@@ -129,20 +131,25 @@ def run_plain(model: str, epochs: int, tmp: Path, monitor: str | None = None, da
     cpu = _run(cmd)
     data = json.loads(out.read_text())
     active = [e - s for s, e in zip(data["epoch_starts"], data["epoch_ends"])]
-    return Run(launched, data["first_step"], data["epoch_ends"], active, cpu, data["epoch_cpu"])
+    return Run(launched, data["first_step"], data["epoch_ends"], active, cpu, data["epoch_cpu"], data.get("first_step_cpu"))
 
 
 def run_train(model: str, epochs: int, tmp: Path, overrides: list[str], device: str = "cpu",
-              python: str = sys.executable) -> Run:
-    """``tbhealth train`` on the example (``python``: another environment's, e.g. an older tbhealth)."""
+              python: str = sys.executable, probe: bool = False) -> Run:
+    """``tbhealth train`` on the example (``python``: another environment's, e.g. an older tbhealth);
+    ``probe``: through ``startup_probe.py``, which also records the CPU time at step 1."""
     name = f"{model}-{time.monotonic_ns()}"
     sets = [a for o in [f"epochs={epochs}", f"device={device}", *overrides] for a in ("--set", o)]
-    cmd = [python, "-m", "tbhealth_cli.app", "train", str(EXAMPLES[model]), "--logdir", str(tmp / "runs"),
+    probe_out = tmp / f"{name}.probe.json"
+    launcher = [str(PROBE), str(probe_out)] if probe else ["-m", "tbhealth_cli.app"]
+    cmd = [python, *launcher, "train", str(EXAMPLES[model]), "--logdir", str(tmp / "runs"),
            "--name", name, "--quiet", *sets]
     launched = time.time()
     cpu = _run(cmd, cwd=tmp)
     run = read_run(tmp / "runs" / name, launched)
     run.cpu_total = cpu
+    if probe:
+        run.first_step_cpu = json.loads(probe_out.read_text()).get("first_step_cpu")
     return run
 
 
@@ -207,7 +214,8 @@ def startup(model: str, rounds: int, tmp: Path, baseline: str | None = None) -> 
 
     def once(name: str) -> Run:
         if name.startswith("tbhealth train"):
-            return run_train(model, 1, tmp, ["logging.every_steps=1"], python=baseline if "before" in name else sys.executable)
+            return run_train(model, 1, tmp, ["logging.every_steps=1"], probe=True,
+                             python=baseline if "before" in name else sys.executable)
         return run_plain(model, 1, tmp, data="sklearn" if "load_digits" in name else "file")
 
     for name in out:  # untimed: writes the bytecode and warms the page cache, as any earlier run would
@@ -257,13 +265,16 @@ def ratio_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
 def startup_table(model: str, runs: dict[str, list[Run]]) -> list[str]:
     times = {name: [r.first_step - r.launched for r in rs] for name, rs in runs.items()}
     plain, plain_min = statistics.median(times["plain script"]), min(times["plain script"])
+    plain_cpu = statistics.median(r.first_step_cpu for r in runs["plain script"])
     lines = [f"\n{model}: start-up, launch -> first step done (s), {len(times['plain script'])} runs each; "
-             "CPU: a whole one-epoch run",
-             f"{'':22} {'median':>7} {'vs plain':>9} {'min':>6} {'vs plain':>9} {'max':>6} {'CPU s':>6}"]
+             "CPU to step 1: the process's CPU time when step 1 was done (median); CPU s: a whole one-epoch run",
+             f"{'':22} {'median':>7} {'vs plain':>9} {'min':>6} {'vs plain':>9} {'max':>6} "
+             f"{'CPU to step 1':>13} {'vs plain':>9} {'CPU s':>6}"]
     for name, ts in times.items():
         med, cpu = statistics.median(ts), statistics.median(r.cpu_total for r in runs[name])
+        first = statistics.median(r.first_step_cpu for r in runs[name])
         lines.append(f"{name:22} {med:7.2f} {med - plain:+9.2f} {min(ts):6.2f} {min(ts) - plain_min:+9.2f} "
-                     f"{max(ts):6.2f} {cpu:6.2f}")
+                     f"{max(ts):6.2f} {first:13.2f} {first - plain_cpu:+9.2f} {cpu:6.2f}")
     return lines
 
 
