@@ -22,7 +22,10 @@ model run interleaved, in a rotating order, round after round. Three measures:
 * **start-up**: process launch → first step done (its loss on the host), ``tbhealth train …
   --set logging.every_steps=1`` (the step/loss event of step 1) against ``plain_loop.py``, which
   reads the digits file the way tbhealth does; for reference also ``plain_loop.py --data
-  sklearn`` (``sklearn.datasets.load_digits``, which imports scikit-learn: ~2 s more).
+  sklearn`` (``sklearn.datasets.load_digits``, which imports scikit-learn: ~2 s more). Also the
+  process's CPU time at that moment (``startup_probe.py`` around ``tbhealth train``), which other
+  jobs' load moves much less than wall time. Children run from bytecode (``PYTHONDONTWRITEBYTECODE``
+  is dropped) and each start-up variant runs once untimed first.
 
 Parts are switched off through public knobs only: ``health.enabled: false``,
 ``logging.every_steps`` = 10⁹, ``checkpoint.every_epochs: 0`` (``last.pt`` and ``best.pt`` are
