@@ -101,6 +101,7 @@ class Timing:
 
     def __init__(self) -> None:
         self.first_step: float | None = None
+        self.first_step_cpu: float | None = None  # process CPU seconds (all threads) when it was done
         self.epoch_starts: list[float] = []
         self.epoch_ends: list[float] = []
         self.epoch_cpu: list[float] = []  # process CPU seconds (all threads) at each epoch end
@@ -143,7 +144,7 @@ def train(args: argparse.Namespace, timing: Timing, step_guard=None) -> dict:
                     opt.zero_grad(set_to_none=True)
                 if timing.first_step is None:
                     loss.item()  # the first step is done when its loss could be printed
-                    timing.first_step = time.time()
+                    timing.first_step, timing.first_step_cpu = time.time(), time.process_time()
             figures = validate(model, loss_fn, val_loader, device)
             if mon:
                 figures = mon.end_epoch(val_loss=figures["val_loss"], val_acc=figures["val_acc"])
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     timing = Timing()
     figures = train(args, timing)
-    result = {"imports_start": T_IMPORTS, "first_step": timing.first_step, "epoch_starts": timing.epoch_starts,
+    result = {"imports_start": T_IMPORTS, "first_step": timing.first_step,
+              "first_step_cpu": timing.first_step_cpu, "epoch_starts": timing.epoch_starts,
               "epoch_ends": timing.epoch_ends, "epoch_cpu": timing.epoch_cpu, "figures": figures}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -18,7 +18,6 @@ from tbhealth.run.names import list_run_dirs, run_name
 
 from tbhealth.run.rundir import RunDir
 from tbhealth.run.status import newest_first, public_alert, public_status, run_summary
-from tbhealth_cli import render
 from tbhealth_cli.common import (
     DEFAULT_LOGDIR, ExitCode, JsonOpt, LogdirOpt, RunArg, console, err_console, fail, find_run,
 )
@@ -74,6 +73,8 @@ def status(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt
     except OSError as e:
         alerts_ = []
         err_console.print(f"alerts not shown: {e}", markup=False, soft_wrap=True)
+    from tbhealth_cli import render  # Rich tables: loaded by the commands that draw them, not by `train`
+
     render.print_status(console, st, name, alerts_)
 
 
@@ -91,6 +92,8 @@ def alerts(run: RunArg, logdir: LogdirOpt = Path(DEFAULT_LOGDIR), json_: JsonOpt
     if json_:
         _echo_json([public_alert(a) for a in records])
         return
+    from tbhealth_cli import render
+
     render.print_alerts(console, records, name)
 
 
@@ -129,6 +132,8 @@ def runs(logdir: LogdirArg = Path(DEFAULT_LOGDIR), json_: JsonOpt = False) -> No
             markup=False,
         )
         return
+    from tbhealth_cli import render
+
     render.print_runs(console, summaries)
     for row in summaries:
         if row.get("error"):

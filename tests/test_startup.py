@@ -132,3 +132,22 @@ def test_built_in_digits_are_scikit_learns_without_importing_it(tmp_path):
     assert (x == x_ref).all() and (y == y_ref).all() and x.dtype == x_ref.dtype and y.dtype == y_ref.dtype
     code = "import sys; from tbhealth.training.data import digits; digits(); print('sklearn' in sys.modules)"
     assert run_cli(tmp_path, code=code).stdout.strip() == "False"
+
+
+def test_train_imports_no_other_command_and_help_lists_them_all(tmp_path):
+    """The app builds a command, importing its module, only when it is looked up: `tbhealth train`
+    loads none of the others, and `tbhealth --help` still lists every command."""
+    code = textwrap.dedent("""
+        import sys
+        from typer.testing import CliRunner
+        from tbhealth_cli.app import app
+        result = CliRunner().invoke(app, ["train", "--help"])
+        assert result.exit_code == 0, result.output
+        print(sorted(m for m in sys.modules if m.startswith("tbhealth_cli.")))
+    """)
+    result = run_cli(tmp_path, code=code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['tbhealth_cli.app', 'tbhealth_cli.common', 'tbhealth_cli.lifecycle', 'tbhealth_cli.train']"
+    listed = run_cli(tmp_path, "--help").stdout.split()
+    for command in ("train", "pause", "resume", "stop", "checkpoint", "status", "alerts", "runs", "board"):
+        assert command in listed

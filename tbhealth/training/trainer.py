@@ -176,7 +176,8 @@ class Trainer:
         with autocast:
             out = self._fit_shape(self.net(x), y)
             loss = self.loss_fn(out, y)
-        self.scaler.scale(loss * scale).backward()
+        scaled = loss if scale == 1.0 else loss * scale  # one batch per step: no multiply kernel
+        (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()
         return loss.detach(), self._correct(out, y)
 
     @staticmethod
@@ -203,12 +204,16 @@ class Trainer:
         """Step the optimizer (and a per-step scheduler); returns the global gradient norm before
         clipping when clipping is on (what ``clip_grad_norm_`` returns), for ``Monitor.step``: the
         clipped norm would be constant and hide an explosion."""
-        grad_norm = None
+        grad_norm, scaler = None, self.scaler if self.scaler.is_enabled() else None  # off: no GradScaler calls
         if self.cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None and not self.plateau and self.cfg.scheduler.interval == "step":
             self.scheduler.step()
         return grad_norm
