@@ -142,7 +142,7 @@ def ddp_job(logdir: Path, epochs: int) -> dict:
            "--set", "device=cuda", "--set", f"epochs={epochs}", "--logdir", str(logdir), "--name", "ddp", "--quiet"]
     t0 = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=logdir,
-                            env=os.environ | bench_overhead.ENV)
+                            env=bench_overhead.child_env())
     status_path = logdir / "ddp" / "plugins" / "tbhealth" / "status.json"
     status = json.loads(status_path.read_text()) if status_path.is_file() else {}
     return {"ok": result.returncode == 0 and status.get("state") == "completed", "exit_code": result.returncode,
