@@ -20,6 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from tbhealth.run.states import FINAL_STATES, LIVE_STATES
 from tbhealth.run.status import METRIC_KEYS, progress_fraction
 
 STATE_COLORS = {
@@ -267,7 +268,7 @@ def format_status(status: dict, run: str, alerts: list[dict] | None = None, now:
     parts: list[RenderableType] = [Text(format_epoch(status), style="bold")]
     parts.append(_bar(progress_fraction(status)))
     timing = f"Elapsed {format_duration(status.get('elapsed_s'))}"
-    if state not in ("completed", "stopped", "failed"):
+    if state not in FINAL_STATES:
         timing += f" · ETA {format_duration(status.get('eta_s'))}"
     updated = _num(status.get("updated_at"))
     if updated is not None:
@@ -341,7 +342,7 @@ def format_runs(summaries: list[dict]) -> Table:
             format_badge(s.get("state"), pad=False),
             f"{DASH if epoch is None else epoch}/{DASH if total is None else total}",
             _bar(_num(s.get("progress")), width=4),
-            format_duration(s.get("eta_s")) if s.get("state") in ("training", "paused", "starting") else DASH,
+            format_duration(s.get("eta_s")) if s.get("state") in LIVE_STATES else DASH,
             format_value("val_loss", s.get("val_loss")),
             format_value("val_acc", s.get("val_acc")),
             Text(DASH if alerts is None else str(alerts), style="yellow" if alerts else ""),

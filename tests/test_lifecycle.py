@@ -70,10 +70,13 @@ def test_kill_9_amid_checkpoint_requests_leaves_every_acknowledged_file_loadable
     for round_ in range(3):
         proc = launch(tmp_path, "c", *overrides, resume=round_ > 0)
         wait_training(proc, run)
-        until = time.monotonic() + rng.uniform(0.3, 2.0)
-        while time.monotonic() < until and proc.poll() is None:
+        done_before, until = len(done_acks(rd)), None  # the random window opens at this round's first ack
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < (until or deadline):
             rd.request_control("checkpoint", source="test")
             time.sleep(0.003)
+            if until is None and len(done_acks(rd)) > done_before:
+                until = time.monotonic() + rng.uniform(0.0, 1.5)
         kill(proc)
         acks, _ = read_records(rd.acks_path)
         written = {a["checkpoint"] for a in acks if a.get("status") == "done" and a.get("checkpoint")}
@@ -85,6 +88,10 @@ def test_kill_9_amid_checkpoint_requests_leaves_every_acknowledged_file_loadable
     assert code == 0, out
     assert status(run)["state"] == "completed"
     assert temp_files(rd.checkpoint_dir) == [] and temp_files(rd.state_dir) == []
+
+
+def done_acks(rd: RunDir) -> list[dict]:
+    return [a for a in read_records(rd.acks_path)[0] if a.get("status") == "done"]
 
 
 def test_best_epoch_and_last_of_one_state_are_one_file(tmp_path):

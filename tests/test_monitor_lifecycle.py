@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -193,6 +194,44 @@ def test_checkpoint_folder_and_atomic_saves(tmp_path):
         tmp.write_bytes(b"complete")
     assert (mon.checkpoint_dir / "c.ckpt").read_bytes() == b"complete"
     assert sorted(os.listdir(mon.checkpoint_dir)) == ["a.pt", "c.ckpt"]  # no temp file left
+
+
+def test_atomic_saves_never_follow_a_symlinked_checkpoint_folder(tmp_path):
+    """Whoever can write the logdir may swap ``checkpoints/`` for a symlink to somewhere else:
+    a save replaces the link with a real folder (the link's target is never touched), as every
+    state-file writer does, and so do links of one state and writers that take a file name."""
+    from tbhealth.run.files import link_atomic
+
+    mon = monitor(tmp_path, "swapped", total_epochs=1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for save in ("save_atomic", "atomic_path"):
+        mon.checkpoint_dir.symlink_to(elsewhere, target_is_directory=True)
+        if save == "save_atomic":
+            mon.save_atomic({"w": torch.ones(1)}, "a.pt")
+        else:
+            with mon.atomic_path("b.ckpt") as tmp:
+                tmp.write_bytes(b"x")
+        assert not mon.checkpoint_dir.is_symlink(), save
+        shutil.rmtree(mon.checkpoint_dir)
+    mon.save_atomic({"w": torch.ones(1)}, "a.pt")
+    link_atomic(mon.checkpoint_dir / "a.pt", mon.checkpoint_dir / "best.pt", root=mon.run_dir)
+    assert os.path.samefile(mon.checkpoint_dir / "a.pt", mon.checkpoint_dir / "best.pt")
+    assert os.listdir(elsewhere) == []
+
+
+def test_atomic_path_hands_out_a_name_in_the_folder_it_checked(tmp_path):
+    """The writer gets a name through the opened folder (Linux: /proc/self/fd), so renaming the
+    folder and putting a symlink in its place meanwhile cannot redirect the write."""
+    mon = monitor(tmp_path, "pinned", total_epochs=1)
+    mon.checkpoint_dir.mkdir()
+    moved, elsewhere = mon.run_dir / "moved", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with mon.atomic_path("c.ckpt") as tmp:
+        mon.checkpoint_dir.rename(moved)
+        mon.checkpoint_dir.symlink_to(elsewhere, target_is_directory=True)
+        tmp.write_bytes(b"complete")
+    assert os.listdir(elsewhere) == [] and (moved / "c.ckpt").read_bytes() == b"complete"
 
 
 # --------------------------------------------------------------------------- signals

@@ -12,26 +12,24 @@ monitor acknowledges a ``checkpoint`` request only once the future says the file
 stop waits for it before the loop is told to leave.
 
 Whatever writes the file, it should never leave half of one behind (a kill, a full disk):
-:func:`save_atomic` (``torch.save``) and :func:`atomic_path` (for a writer that takes a path,
-such as Lightning's ``trainer.save_checkpoint``) write a temp file, ``fsync`` it and rename it
-into place, the semantics of :func:`tbhealth.run.files.atomic_write`. :func:`plain` makes the
+:func:`save_atomic` (``torch.save``) and :func:`tbhealth.run.files.atomic_path` (for a writer
+that takes a path, such as Lightning's ``trainer.save_checkpoint``) write a temp file, ``fsync``
+it and rename it into place, following no symlink below the run directory. :func:`plain` makes the
 monitor's state JSON-safe for frameworks that keep it in a JSON file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
-import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Union
 
 import torch
 
 from tbhealth.monitor.progress import Progress
-from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
+from tbhealth.run.files import atomic_write
 
 #: What a checkpoint function returns: the file written, or a future of it (a write in flight).
 Written = Union[Path, "Future[Path]"]
@@ -79,39 +77,6 @@ def save_atomic(obj: Any, path: str | os.PathLike, root: str | os.PathLike | Non
     path = Path(path)
     atomic_write(path, lambda f: torch.save(obj, f), durable=True, root=root)
     return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path for a writer that wants a file name; renamed over ``path`` (after ``fsync``)
-    when the block ends without an exception and the writer wrote it. Nothing is renamed when it
-    wrote nothing (under DDP only rank 0's save writes); an exception leaves no temp file behind.
-
-        with atomic_path(run_checkpoints / "manual.ckpt") as tmp:
-            trainer.save_checkpoint(tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
-    try:
-        yield tmp
-        if tmp.exists():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_folder(path.parent)
-    finally:
-        unlink_quietly(tmp)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable, where the platform can ``fsync`` a folder."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def plain(value: Any) -> Any:

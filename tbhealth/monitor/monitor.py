@@ -36,7 +36,7 @@ from tbhealth.health.ids import RuleId
 from tbhealth.health.settings import HealthConfig
 from tbhealth.instruments.watch import HealthWatch
 from tbhealth.instruments.window import StepWindow
-from tbhealth.monitor.checkpoints import CheckpointHook, atomic_path, plain, save_atomic
+from tbhealth.monitor.checkpoints import CheckpointHook, plain, save_atomic
 from tbhealth.monitor.control import ControlChannel
 from tbhealth.monitor.controller import Controller, StepInterrupted
 from tbhealth.monitor.epoch_metrics import current_lr, epoch_metrics
@@ -49,6 +49,7 @@ from tbhealth.monitor.setup import RESUME_HINT, check_arguments, device_of, run_
 from tbhealth.monitor.sinks import RunLog, RunSink, Sink, record_alerts
 from tbhealth.monitor.system import SystemSampler
 from tbhealth.monitor.watchdog import Watchdog
+from tbhealth.run.files import atomic_path
 from tbhealth.run.rundir import RunDir
 from tbhealth.run.states import State
 from tbhealth.run.status import METRIC_TAGS
@@ -330,16 +331,14 @@ class Monitor:
         return self._checkpoint(kind)
 
     def save_atomic(self, obj: Any, name: str | os.PathLike) -> Path:
-        """``torch.save(obj)`` as ``name`` in :attr:`checkpoint_dir` (or at ``name`` if absolute)
-        through a temp file, ``fsync`` and a rename: never a half-written checkpoint; no symlink
-        inside the run folder is followed."""
+        """``torch.save(obj)`` as ``name`` in :attr:`checkpoint_dir` (or at ``name`` if absolute) via
+        a temp file, ``fsync`` and a rename: never half a checkpoint, no symlink in the run followed."""
         return save_atomic(obj, self.checkpoint_dir / name, root=None if Path(name).is_absolute() else self.run_dir)
 
     def atomic_path(self, name: str | os.PathLike):
-        """``with mon.atomic_path("x.ckpt") as tmp: writer(tmp)``: for writers that take a file name
-        (Lightning's ``trainer.save_checkpoint``); ``tmp`` is renamed to ``name`` in
-        :attr:`checkpoint_dir` once written (see :func:`tbhealth.monitor.checkpoints.atomic_path`)."""
-        return atomic_path(self.checkpoint_dir / name)
+        """``with mon.atomic_path("x.ckpt") as tmp: writer(tmp)``: the same for a writer that takes a
+        file name (Lightning's ``trainer.save_checkpoint``); see :func:`tbhealth.run.files.atomic_path`."""
+        return atomic_path(self.checkpoint_dir / name, root=None if Path(name).is_absolute() else self.run_dir)
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary with a checkpoint (for code that decides to stop)."""

@@ -20,9 +20,11 @@ Nothing here imports torch: the TensorBoard plugin uses it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +48,18 @@ CHUNK = 1 << 20
 # --------------------------------------------------------------------------- snapshots
 
 
+@contextlib.contextmanager
+def _folder_of(path: str | os.PathLike, root: str | os.PathLike | None) -> Iterator[tuple[int, str, str]]:
+    """``(folder fd, name, temp name)`` for replacing ``path``: its folder opened (and created)
+    without following a symlink below ``root``, so every later step works on that folder."""
+    root_, parts = split_below(path, root)
+    folder = open_folder(root_, parts[:-1], create=True)
+    try:
+        yield folder, parts[-1], f".{parts[-1]}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+    finally:
+        os.close(folder)
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False,
                  root: str | os.PathLike | None = None) -> None:
     """Replace ``path`` with what ``write(f)`` writes into a binary file, all or nothing.
@@ -53,11 +67,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
     ``durable``: also ``fsync`` the file and its folder, so the new content survives a power
     loss (checkpoints); status snapshots skip it, a newer one follows within a second.
     """
-    root_, parts = split_below(path, root)
-    folder = open_folder(root_, parts[:-1], create=True)
-    name = parts[-1]
-    tmp = f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
-    try:
+    with _folder_of(path, root) as (folder, name, tmp):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -71,8 +81,52 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
             raise
         if durable:
             _fsync_quietly(folder)
-    finally:
-        os.close(folder)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A temp file name for a writer that only takes a name (Lightning's ``save_checkpoint``);
+    when the block ends without an exception and the writer wrote it, it is ``fsync``-ed and
+    renamed over ``path`` and the folder ``fsync``-ed. Nothing is renamed when it wrote nothing
+    (under DDP only rank 0 writes); an exception leaves no temp file behind.
+
+    The name handed out goes through ``/proc/self/fd`` (Linux) to the folder opened here, so the
+    writer cannot be sent elsewhere by a folder swapped for a symlink after the check.
+    """
+    with _folder_of(path, root) as (folder, name, tmp):
+        pinned = Path(f"/proc/self/fd/{folder}")
+        try:
+            yield (pinned if pinned.is_dir() else Path(path).parent) / tmp
+            try:
+                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            except FileNotFoundError:
+                return  # the writer wrote nothing
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            _fsync_quietly(folder)
+        finally:
+            _unlink_at(folder, tmp)
+
+
+def link_atomic(source: Path, target: Path, root: str | os.PathLike | None = None) -> None:
+    """Make ``target`` another name of ``source``'s file (same folder), atomically and durably;
+    a copy where the file system has no hard links. A kill leaves ``target`` as it was."""
+    with _folder_of(target, root) as (folder, name, tmp):
+        try:
+            os.link(Path(source).name, tmp, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+        except OSError:  # no hard links here (some network and FUSE file systems): copy
+            src = open_file(Path(source), root=root)
+            with os.fdopen(src, "rb") as f:
+                atomic_write(target, lambda out: shutil.copyfileobj(f, out, 1 << 20), durable=True, root=root)
+            return
+        try:
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        finally:
+            _unlink_at(folder, tmp)  # gone once renamed; still there only if the rename failed
+        _fsync_quietly(folder)
 
 
 def write_json_atomic(path: Path, data: Any, root: str | os.PathLike | None = None) -> None:

@@ -82,7 +82,7 @@ class Gpu(TypedDict):
 
 
 class System(TypedDict):
-    """What :class:`tbhealth.system.SystemSampler` reports; ``ram_used_bytes`` is total − available."""
+    """What :class:`tbhealth.monitor.system.SystemSampler` reports; ``ram_used_bytes`` is total − available."""
 
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     cpu_percent: Annotated[float, at.Ge(0), at.Le(100)]

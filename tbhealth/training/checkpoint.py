@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
+from tbhealth.monitor.checkpoints import save_atomic
+from tbhealth.run.files import TEMP_SUFFIX, unlink_quietly
 from tbhealth.run.rundir import RunDir
 from tbhealth.training.config import Config, ConfigError, Problem
 
@@ -45,13 +46,6 @@ _SHOWN = 5
 
 class CheckpointFormatError(ValueError):
     """A checkpoint this version of tbhealth cannot resume from."""
-
-
-def save_atomic(obj: dict, path: Path, root: Path | None = None) -> Path:
-    """``torch.save`` into a temp file, ``fsync``, rename over ``path``: never a half checkpoint.
-    No symlink below ``root`` (the run directory) is followed."""
-    atomic_write(path, lambda f: torch.save(obj, f), durable=True, root=root)
-    return path
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import queue
-import shutil
 import threading
-import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -40,9 +37,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from tbhealth.run.files import TEMP_SUFFIX, atomic_write, unlink_quietly
+from tbhealth.run.files import atomic_write, link_atomic
 
-__all__ = ["CheckpointWriter", "HostStaging", "link_atomic"]
+__all__ = ["CheckpointWriter", "HostStaging"]
 
 _ATOMS = (int, float, str, bytes, type(None))  # immutable: shared, not copied
 
@@ -220,30 +217,3 @@ class CheckpointWriter:
 
 def _failed(future: Future) -> bool:
     return future.done() and (future.cancelled() or future.exception() is not None)
-
-
-def link_atomic(source: Path, target: Path, root: Path | None = None) -> None:
-    """Make ``target`` another name of ``source``'s file, atomically and durably; a copy where the
-    file system has no hard links. A kill leaves ``target`` as it was (and at most a temp file)."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
-    try:
-        os.link(source, tmp)
-    except OSError:  # no hard links here (some network and FUSE file systems): copy
-        with open(source, "rb") as src:
-            atomic_write(target, lambda f: shutil.copyfileobj(src, f, 1 << 20), durable=True, root=root)
-        return
-    try:
-        os.replace(tmp, target)
-    finally:
-        unlink_quietly(tmp)  # gone once renamed; still there only if the rename failed
-    _sync_folder(target.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    """The rename above survives a power loss once its folder is fsynced."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        with contextlib.suppress(OSError):  # some file systems cannot fsync a folder
-            os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,8 +1,8 @@
-"""From names in a :class:`~tbhealth.config.Config` to objects: data, model, loss, optimizer, scheduler.
+"""From names in a :class:`~tbhealth.training.config.Config` to objects: data, model, loss, optimizer, scheduler.
 
 A name is either built in (``digits``, ``mlp``, ``Adam``, ``CrossEntropyLoss``...) or an import
 path ``package.module:attribute``. Everything that can go wrong because of what the user wrote
-raises :class:`~tbhealth.config.ConfigError` naming the key (``optimizer.kwargs.betas``), never a
+raises :class:`~tbhealth.training.config.ConfigError` naming the key (``optimizer.kwargs.betas``), never a
 traceback. :mod:`tbhealth.training.validation` checks a config with these resolvers and the
 signatures of what they find, without building anything; what only a constructor can judge
 surfaces from the real build (the trainer's) with the same message and key. Nothing is built twice.
