@@ -100,11 +100,14 @@ def test_stop_exits_zero_with_checkpoint(live):
     assert ack["checkpoint"] == "last.pt"
 
 
-def test_sigterm_stops_gracefully_with_checkpoint(live):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_stops_gracefully_with_checkpoint(live, sig):
+    """``kill`` and a closed terminal (SIGHUP, not under nohup) end the run as a stop would."""
     proc, run = live()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(60) == 0
-    assert status(run)["state"] == "stopped"
+    s = status(run)
+    assert s["state"] == "stopped" and s["message"].startswith(f"received {sig.name}")
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert ck["global_step"] == status(run)["global_step"]
 
