@@ -1,7 +1,7 @@
 """The shipped framework examples, run as the integration tests need them: slowed down so that a
 control request meets a live run, or with a NaN planted in the loss at a given optimizer step.
 
-    python tests/integration_apps.py lightning [--nan-at N] [--step-sleep S] [--record F] [example options]
+    python tests/integration_apps.py lightning [--nan-at N] [--step-sleep S] [--record F] [--stop-at N] [example options]
     python tests/integration_apps.py hf [--nan-at N] [--step-sleep S] [example options]
 
 ``--nan-at N``: the loss is NaN from optimizer step N on. ``--record F`` (Lightning): every
@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 def split_args(argv: list[str]) -> tuple[dict, list[str]]:
     """``--nan-at``, ``--step-sleep`` and ``--record`` for this file; the rest for the example."""
-    mine, rest, it = {"nan_at": None, "sleep": 0.0, "record": None}, [], iter(argv)
-    options = {"--nan-at": ("nan_at", int), "--step-sleep": ("sleep", float), "--record": ("record", str)}
+    mine, rest, it = {"nan_at": None, "sleep": 0.0, "record": None, "stop_at": None}, [], iter(argv)
+    options = {"--nan-at": ("nan_at", int), "--step-sleep": ("sleep", float), "--record": ("record", str),
+               "--stop-at": ("stop_at", int)}
     for arg in it:
         if arg in options:
             key, kind = options[arg]
@@ -60,6 +61,8 @@ def lightning(argv: list[str]) -> None:
             if nan_at is not None and step >= nan_at:
                 out["loss"] = out["loss"] * float("nan")
             note(step=step, loss=out["loss"].item(), correct=out["correct"].item(), n=len(batch[0]))
+            if step == mine["stop_at"]:  # what `tbhealth stop` does, at a chosen step
+                next(c for c in self.trainer.callbacks if hasattr(c, "monitor")).monitor.request_stop("test")
             return out
 
         def on_before_optimizer_step(self, optimizer):  # after tbhealth's callback, before clipping

@@ -86,6 +86,21 @@ def test_control_from_the_cli_sigterm_through_lightnings_handler_and_a_resume_in
 
 
 @pytest.mark.slow
+def test_a_run_stopped_on_an_epochs_last_step_resumes_with_every_epoch_once(tmp_path):
+    """Lightning resumes such a run in the next epoch; the stopped epoch still gets its point."""
+    logdir = tmp_path / "pl"
+    run_app("lightning", "--logdir", str(logdir), "--epochs", "3", "--stop-at", "46")  # 23 steps per epoch
+    run = only_run(logdir)
+    stopped = RunDir(run).read_status()
+    assert (stopped["state"], stopped["global_step"], stopped["epochs_done"]) == ("stopped", 46, 1)
+    stop_ckpt = next((run / "checkpoints").glob("stop-step-*.ckpt"))
+    run_app("lightning", "--logdir", str(logdir), "--epochs", "3", "--resume", str(stop_ckpt))
+    resumed = RunDir(run).read_status()
+    assert (resumed["state"], resumed["epochs_done"]) == ("completed", 3)
+    assert [e.step for e in scalars(run).Scalars("train/loss")] == [1, 2, 3]
+
+
+@pytest.mark.slow
 def test_optimizer_steps_over_accumulated_micro_batches_before_clipping_and_a_planted_nan(tmp_path):
     """What the module saw, micro-batch by micro-batch, against what tbhealth recorded: the loss of
     each optimizer step is the mean of its micro-batches, the epoch's accuracy sums their right

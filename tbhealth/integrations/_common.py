@@ -26,6 +26,17 @@ def require(module: str, extra: str, needed_by: str) -> ModuleType:
             f"pip install 'tbhealth[{extra}]'") from e
 
 
+def finish_stopped_epoch(mon: Any, epoch: int, per_epoch: int | None, end: Callable[[], None]) -> None:
+    """Before ``epoch`` begins: a run stopped on its epoch's *last* step resumes into the next
+    epoch (the framework counts that epoch's batches as done) and would never end the stopped one,
+    leaving a hole in every epoch curve. End it first with ``end()``, from its restored sums (and
+    whatever validation the framework ran on resuming)."""
+    if mon.epochs_done < mon.progress.epoch < epoch:
+        mon.start_epoch(mon.progress.epoch, per_epoch)
+        if not mon.should_stop:
+            end()
+
+
 class MicroBatches:
     """The micro-batches of one optimizer step (gradient accumulation), summed on the device.
 

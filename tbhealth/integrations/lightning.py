@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from tbhealth.integrations._common import MicroBatches, agreed_run_dir, batch_size, dist_context, require
+from tbhealth.integrations._common import (MicroBatches, agreed_run_dir, batch_size, dist_context,
+                                           finish_stopped_epoch, require)
 from tbhealth.monitor import Monitor
 
 
@@ -132,8 +133,9 @@ class TBHealthCallback(L.Callback):
     def _open_epoch(self, trainer) -> None:
         """Begin the epoch (a resumed one at the position its checkpoint's monitor state holds),
         unless what arrived during validation stopped the run: then Lightning stops too."""
-        mon = self.monitor
-        mon.start_epoch(trainer.current_epoch + 1, self._per_epoch)
+        mon, epoch = self.monitor, trainer.current_epoch + 1
+        finish_stopped_epoch(mon, epoch, self._per_epoch, lambda: self._end_epoch(trainer))
+        mon.start_epoch(epoch, self._per_epoch)
         self._epoch_open = not mon.should_stop
         if mon.should_stop:
             trainer.should_stop = True

@@ -46,7 +46,8 @@ from typing import Any
 
 import torch
 
-from tbhealth.integrations._common import MicroBatches, agreed_run_dir, batch_size, dist_context, require
+from tbhealth.integrations._common import (MicroBatches, agreed_run_dir, batch_size, dist_context,
+                                           finish_stopped_epoch, require)
 from tbhealth.monitor import Monitor
 from tbhealth.monitor.checkpoints import plain
 
@@ -146,7 +147,9 @@ class TBHealthCallback(TrainerCallback, ExportableState):
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         per_epoch = -(-len(train_dataloader) // args.gradient_accumulation_steps) if train_dataloader else None
         # state.epoch is fractional (1.43 after a mid-epoch resume); the monitor state holds the position
-        self.monitor.start_epoch(int(state.epoch or 0) + 1, per_epoch)
+        epoch = int(state.epoch or 0) + 1
+        finish_stopped_epoch(self.monitor, epoch, per_epoch, self._end_epoch)
+        self.monitor.start_epoch(epoch, per_epoch)
         self._epoch_done, self._val = False, {}
 
     def on_epoch_end(self, args, state, control, **kwargs):
