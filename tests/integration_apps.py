@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 def split_args(argv: list[str]) -> tuple[dict, list[str]]:
     """``--nan-at``, ``--step-sleep`` and ``--record`` for this file; the rest for the example."""
-    mine, rest, it = {"nan_at": None, "sleep": 0.0, "record": None, "stop_at": None}, [], iter(argv)
+    mine, rest, it = {"nan_at": None, "sleep": 0.0, "record": None, "stop_at": None, "stop_after": None}, [], iter(argv)
     options = {"--nan-at": ("nan_at", int), "--step-sleep": ("sleep", float), "--record": ("record", str),
-               "--stop-at": ("stop_at", int)}
+               "--stop-at": ("stop_at", int), "--stop-after-epoch": ("stop_after", int)}
     for arg in it:
         if arg in options:
             key, kind = options[arg]
@@ -62,8 +62,15 @@ def lightning(argv: list[str]) -> None:
                 out["loss"] = out["loss"] * float("nan")
             note(step=step, loss=out["loss"].item(), correct=out["correct"].item(), n=len(batch[0]))
             if step == mine["stop_at"]:  # what `tbhealth stop` does, at a chosen step
-                next(c for c in self.trainer.callbacks if hasattr(c, "monitor")).monitor.request_stop("test")
+                self.stop("test")
             return out
+
+        def on_validation_epoch_end(self):  # a request that arrives while the epoch validates
+            if not self.trainer.sanity_checking and self.current_epoch + 1 == mine["stop_after"]:
+                self.stop("test, between epochs")
+
+        def stop(self, reason):
+            next(c for c in self.trainer.callbacks if hasattr(c, "monitor")).monitor.request_stop(reason)
 
         def on_before_optimizer_step(self, optimizer):  # after tbhealth's callback, before clipping
             grads = [p.grad for p in self.parameters() if p.grad is not None]

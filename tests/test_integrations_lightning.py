@@ -86,13 +86,16 @@ def test_control_from_the_cli_sigterm_through_lightnings_handler_and_a_resume_in
 
 
 @pytest.mark.slow
-def test_a_run_stopped_on_an_epochs_last_step_resumes_with_every_epoch_once(tmp_path):
-    """Lightning resumes such a run in the next epoch; the stopped epoch still gets its point."""
+@pytest.mark.parametrize("where", [("--stop-at", "46"), ("--stop-after-epoch", "2")], ids=["last-step", "between"])
+def test_a_run_stopped_at_an_epochs_end_resumes_with_every_epoch_once(tmp_path, where):
+    """On an epoch's last step (Lightning resumes in the next epoch: the stopped one still gets its
+    point) or between two epochs (the next one is not skipped): every epoch trained and logged once."""
     logdir = tmp_path / "pl"
-    run_app("lightning", "--logdir", str(logdir), "--epochs", "3", "--stop-at", "46")  # 23 steps per epoch
+    run_app("lightning", "--logdir", str(logdir), "--epochs", "3", *where)  # 23 steps per epoch
     run = only_run(logdir)
     stopped = RunDir(run).read_status()
-    assert (stopped["state"], stopped["global_step"], stopped["epochs_done"]) == ("stopped", 46, 1)
+    assert (stopped["state"], stopped["global_step"]) == ("stopped", 46)
+    assert stopped["epochs_done"] == (1 if where[0] == "--stop-at" else 2)
     stop_ckpt = next((run / "checkpoints").glob("stop-step-*.ckpt"))
     run_app("lightning", "--logdir", str(logdir), "--epochs", "3", "--resume", str(stop_ckpt))
     resumed = RunDir(run).read_status()

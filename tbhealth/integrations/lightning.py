@@ -186,6 +186,11 @@ class TBHealthCallback(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._epoch_open:
             self._end_epoch(trainer)
+        # What arrived during the epoch's end applies here, where Lightning takes its own epoch-end
+        # checkpoints: a stop checkpoint from the next epoch's start resumes *after* that epoch.
+        self.monitor.between_epochs()
+        if self.monitor.should_stop:
+            trainer.should_stop = True
 
     def _end_epoch(self, trainer) -> None:
         self._epoch_open = False

@@ -1,16 +1,7 @@
 """``tbhealth.Monitor``: the object a training loop reports to, and takes orders from.
 
-Any loop can use it (the config-driven Trainer is one user)::
-
-    with tbhealth.Monitor("runs", "exp", total_epochs=10, model=model, optimizer=opt) as mon:
-        for epoch in mon.epochs(batches_per_epoch=len(loader)):
-            for x, y in loader:
-                loss = loss_fn(model(x), y); loss.backward(); opt.step()
-                mon.step(loss, n=len(x))          # after optimizer.step, before zero_grad
-                opt.zero_grad()
-                if mon.should_stop: break
-            if mon.should_stop: break             # a stopped epoch is not a finished one
-            mon.end_epoch(val_loss=..., val_acc=...)
+Any loop can use it (the config-driven Trainer is one user; ``examples/custom_loop.py`` is a
+plain loop, the README's "Using tbhealth.Monitor in your own loop" shows its ten lines).
 
 Cost on the training thread (see benchmarks/): ``step()`` appends the loss tensor (and the norm
 it was given) to a list and does a few integer checks. Every ``log_every`` steps, and each of the
@@ -73,13 +64,12 @@ class Monitor:
         resume_state: ``Monitor.state_dict()`` from a checkpoint: continues that run, in the same
             folder (the state names it), with its progress, history, alerts and intervention counts.
         resume_hint: how a stopped run of this loop continues (stop message, CLI answers).
-        handle_signals: ``True``: the first SIGINT/SIGTERM/SIGHUP stops with a checkpoint, a second
-            SIGINT aborts; ``"chain"``: the same, then the handler found before is called too (a
-            framework's own); ``False``: signals are left alone.
+        handle_signals: ``True``: SIGINT/SIGTERM/SIGHUP stop with a checkpoint (a second SIGINT
+            aborts); ``"chain"``: and then call the handler found before (a framework's); ``False``: none.
         dist: a tbhealth.distributed.DistContext under torch.distributed: rank 0 writes the run's
             files; every rank logs, is measured, and obeys control at the same step.
-        heartbeat_s: the status, the system readings and the wall-clock rules refresh this often
-            (seconds); keep it well under 10 s, after which readers call a run unresponsive.
+        heartbeat_s: how often status, system readings and wall-clock rules refresh (s); keep it well
+            under the 10 s after which readers call a run unresponsive.
     """
 
     def __init__(
@@ -126,7 +116,7 @@ class Monitor:
         self._readings = Readings(p, self.sums, self.sink, model=model, health=self.health,
                                   judge=self.health if lead else None, dist=dist, record=self._record_alerts,
                                   window=self._window, note=lambda text: log.write("INFO", text, echo=False))
-        self._started, self._closed, self._epochs_started = False, False, 0
+        self._started, self._closed, self._epochs_started, self._between_done = False, False, 0, False
         if resume_state:
             self.load_state_dict(resume_state)
 
@@ -221,22 +211,29 @@ class Monitor:
     def start_epoch(self, epoch: int, batches_per_epoch: int | None = None, batch: int | None = None) -> None:
         """Begin epoch ``epoch`` (1-based), for loops that do not iterate :meth:`epochs`.
 
-        Between two epochs it first applies the requests, signals and health actions that arrived
-        during validation (and waits while paused); when that stops the run, the epoch is not
-        begun: check :attr:`should_stop`. ``batch``: batches of it already done; by default the
-        position a mid-epoch :meth:`load_state_dict` restored for that epoch, else 0.
+        Between two epochs it first calls :meth:`between_epochs`; when that stops the run, the
+        epoch is not begun: check :attr:`should_stop`. ``batch``: batches of it already done; by
+        default the position a mid-epoch :meth:`load_state_dict` restored for that epoch, else 0.
         """
         p = self.progress
-        if self._epochs_started:
-            self._controller.between_epochs()
-            if self.should_stop:
-                return
+        if self._epochs_started and not self._between_done:
+            self.between_epochs()
+        if self.should_stop:
+            return
         if batch is None:
             batch = p.batch if not self._epochs_started and epoch == p.epoch > p.epochs_done else 0
-        self._epochs_started += 1
+        self._epochs_started, self._between_done = self._epochs_started + 1, False
         p.begin_epoch(epoch, batches_per_epoch, batch)
         self.sums.start(keep_resumed=bool(batch))
         self.reporter.epoch_started(epoch, batches_per_epoch)
+
+    def between_epochs(self) -> None:
+        """Apply what arrived since the last step (requests, signals, health actions; waits while
+        paused) now, not one step into the next epoch: where a framework's checkpoints resume
+        cleanly (Lightning's epoch-end hooks); the next epoch's start then applies nothing more.
+        Check :attr:`should_stop` after."""
+        self._controller.between_epochs()
+        self._between_done = True
 
     def step(self, loss: torch.Tensor, *, n: int = 1, correct: torch.Tensor | None = None,
              grad_norm: torch.Tensor | None = None, lr: float | None = None) -> None:
