@@ -52,7 +52,7 @@ def find_run(run: str, logdir: Path) -> RunDir:
     """RUN as given on the command line: an existing directory wins, else a name under logdir."""
     direct = Path(run)
     if os.path.isdir(direct / STATE_SUBDIR):  # os.path: a name too long for the system is just "no"
-        return RunDir(direct)
+        return RunDir(direct.absolute() if direct.name in ("", "..") else direct)  # `status .` names the run
     try:
         path = resolve_run(logdir, run)
     except RunNameError as e:

@@ -119,6 +119,16 @@ def test_status_json_from_a_real_process_by_path(tmp_path, system_reading):
     assert (data["run"], data["state"]) == ("b", "paused")
 
 
+@pytest.mark.parametrize("where", [".", "./"])
+def test_status_and_alerts_of_the_run_folder_you_are_in(tmp_path, system_reading, monkeypatch, where):
+    rd = write_run(tmp_path, "here", system_reading)
+    monkeypatch.chdir(rd.path)
+    result = invoke("status", where, "--json")
+    assert result.exit_code == 0, result.output
+    assert Path(json.loads(result.stdout)["run"]).name == "here"  # a path outside the logdir stays a path
+    assert invoke("alerts", where).exit_code == 0
+
+
 def test_status_panel_at_fixed_width(tmp_path, system_reading):
     rd = write_run(tmp_path, "mnist", system_reading)
     rd.append_alert({"id": "a1", "rule": "overfitting", "severity": "warning", "epoch": 3, "step": 240,

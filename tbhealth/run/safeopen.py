@@ -89,9 +89,9 @@ def split_below(path: str | os.PathLike, root: str | os.PathLike | None) -> tupl
     if root is None:
         root, name = os.path.split(path)
         return root or ".", [name]
-    root = os.fspath(root)
-    prefix = root.rstrip(os.sep) + os.sep
-    if not path.startswith(prefix):
+    root, path = os.path.normpath(os.fspath(root)), os.path.normpath(path)  # "./x" is "x": `status .` works
+    prefix = "" if root == "." else root.rstrip(os.sep) + os.sep
+    if not path.startswith(prefix) or path.startswith(".." + os.sep) or path == "..":
         raise ValueError(f"{path} is not under {root}")
     return root, [p for p in path[len(prefix):].split(os.sep) if p]
 
