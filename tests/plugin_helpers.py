@@ -270,6 +270,25 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
+@contextlib.contextmanager
+def tab_in_chromium(port: int):
+    """``(page, errors)``: headless Chromium at 1400x1000 on the Health tab of the TensorBoard at
+    ``port``, and the page's uncaught JavaScript errors so far (a test asserts there are none)."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://localhost:{port}/#tbhealth")
+        try:
+            yield page, errors
+        finally:
+            browser.close()
+
+
 def frame(page):
     return page.frame_locator("iframe")
 

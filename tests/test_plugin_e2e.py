@@ -14,8 +14,8 @@ import pytest
 
 from tbhealth.run.rundir import RunDir
 from tests.plugin_helpers import (
-    ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, end_live, evidence, finished_runs, frame, free_port, row, shoot, start_live,
-    start_tensorboard, stop_process, tid, wait_for, wait_for_listing,
+    end_live, evidence, finished_runs, frame, free_port, row, shoot, start_live, start_tensorboard, stop_process,
+    tab_in_chromium, tid, wait_for, wait_for_listing,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(600)]
@@ -43,17 +43,8 @@ def board(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser_page(board):
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"http://localhost:{board['port']}/#tbhealth")
-        yield page, errors
-        browser.close()
+    with tab_in_chromium(board["port"]) as page_and_errors:
+        yield page_and_errors
 
 
 @pytest.fixture(scope="module")

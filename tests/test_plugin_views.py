@@ -14,8 +14,8 @@ import pytest
 
 from tbhealth.run.rundir import RunDir
 from tests.plugin_helpers import (
-    ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, evidence, finished_runs, frame, free_port, row, shoot, start_tensorboard,
-    stop_process, tab_runs, tid, wait_for, wait_for_listing,
+    ARTIFACTS, evidence, finished_runs, frame, free_port, row, shoot, start_tensorboard, stop_process, tab_in_chromium,
+    tab_runs, tid, wait_for, wait_for_listing,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(900)]
@@ -40,19 +40,10 @@ def board(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(board):
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"http://localhost:{board['port']}/#tbhealth")
+    with tab_in_chromium(board["port"]) as (page, errors):
         frame(page).locator(tid("overview")).wait_for(timeout=T)
         yield page
-        browser.close()
-        assert not errors, errors
+    assert not errors, errors
 
 
 def go(page, route: str) -> None:
